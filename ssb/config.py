@@ -1,0 +1,295 @@
+"""Typed, frozen configuration for every stage, loaded from YAML plus dotted ``key=value`` overrides.
+
+One ``SSBConfig`` holds one dataclass per stage. Unknown keys and wrong types are errors that name the
+dotted key. The resolved config is saved next to every output with :func:`save_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key (and file)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen2.5-3B-Instruct"  # hub name or local directory
+    revision: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "openai/gsm8k"  # hub name or local .jsonl/.json/.parquet path
+    split: str | None = "train"
+    subset: str | None = None  # hub config name, e.g. "main" for GSM8K
+    limit: int | None = None
+    skip_invalid: bool = False
+    field_map: dict[str, str] = field(default_factory=dict)  # e.g. {question: problem, answer: solution}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "vllm"  # vllm | hf
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    batch_size: int = 64  # prompts per generate call (hf) / per resumable chunk (vllm)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    k: int = 4
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    target_pairs: int = 256
+    temperature: float = 0.4
+    top_k: int = 50
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    backend: str = "hf"  # hf | vllm
+    k: int = 64
+    value_dtype: str = "float32"  # float32 | float16
+    temperatures: tuple[float, ...] = (1.0, 2.0)
+    token_budget: int = 16384  # tokens per forward batch
+    shard_examples: int = 64
+    kernel_impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    qlora: bool = False
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: int = 3
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    kd_temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    variant: str = "tail"  # tail | renorm
+    loss_impl: str = "auto"  # auto | triton | chunked | eager
+    gradient_checkpointing: bool = True
+    packing: bool = True
+    save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    benchmarks: tuple[str, ...] = ("math500", "aime2024", "gsm8k")
+    protocol: str = "ssb-paper"  # ssb-paper | qwen-math | r1
+    n: int = 1
+    temperature: float | None = None  # None: the protocol's own
+    max_new_tokens: int | None = None
+    limit: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SSBConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    rounds: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` coerced to ``tp`` (int->float, list->tuple) or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _check_value(value, opt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_check_value(k, kt, key): _check_value(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} (valid keys under {prefix or 'top level'}: {sorted(names)})"
+        )
+    kwargs = {name: _check_value(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars/lists (``k=8``, ``t=[1,2]``, ``x=null``)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SSBConfig:
+    """Load ``path`` (YAML) and apply dotted overrides. Errors name the file and the offending key."""
+    data: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        return _build(SSBConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict view (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config (or a section of one), for resume/skip decisions."""
+    blob = json.dumps(config_to_dict(section), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_config(cfg: SSBConfig, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a stage's outputs (atomically)."""
+    from ssb.files import atomic_write_text
+
+    path = Path(directory) / name
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for convenience in stage code and tests."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,92 @@
+"""Small file helpers every stage shares: atomic writes, line-numbered JSONL reading, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class InputError(ValueError):
+    """Malformed input; the message names the file and line."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Append whole records and fsync. A crash can leave at most one partial last line, which
+    :func:`read_jsonl` with ``tolerate_partial_tail=True`` ignores on resume."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def iter_jsonl(path: str | Path, tolerate_partial_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)``; a bad line raises InputError naming file and line.
+
+    With ``tolerate_partial_tail`` a last line without its newline (an interrupted append) is skipped.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if tolerate_partial_tail and i == len(lines) and not line.endswith("\n"):
+            return
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+        yield i, rec
+
+
+def read_jsonl(path: str | Path, tolerate_partial_tail: bool = False) -> list[dict]:
+    return [rec for _, rec in iter_jsonl(path, tolerate_partial_tail)]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,108 @@
+"""Prompts of the paper as editable templates, and the chat views of teacher and student.
+
+Both views go through the tokenizer's own chat template (the reference code flattens the student prompt
+to plain text; we do not). The reply always ends with the tokenizer's end-of-turn token so that stopping
+is learned. Templates follow the SSB reference implementation
+(https://github.com/purbeshmitra/semantic-soft-bootstrapping, logit_gen.py), reworded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ssb.files import sha256_text
+
+SYSTEM_PROMPT = (
+    "**Role:** You are an expert math tutor. When you are given a problem to solve, you provide detailed "
+    "step-by-step reasoning in your solution. Your response is clear, precise, and unambiguous. You do not "
+    "skip any step. You put your final answer within \\boxed{} at the end of your response."
+)
+
+HINTED_TEMPLATE = """Two students answered the math problem below. One response is correct and the other is incorrect. \
+Both students were asked to put their final answer inside \\boxed{{}}; only that final answer was checked by an \
+automatic grader. The problem:
+---
+{question}
+---
+
+The correct response of one student:
+---
+{correct}
+---
+
+An attempt by another student that the grader marked incorrect:
+---
+{incorrect}
+---
+
+Write a coherent, step-by-step derivation of the solution that does not skip any step and is as detailed as \
+possible. It must be a standalone solution that students will study and learn from. Make it robust by warning \
+about likely errors and wrong lines of reasoning. Do not mention, or even hint, that you were shown attempted \
+responses by students.
+
+End the whole response with the final answer in \\boxed{{}}, and make sure it exactly matches the boxed final \
+answer of the correct response."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The templates one run uses; hashed into manifests so stores and trainers can check they match."""
+
+    system: str = SYSTEM_PROMPT
+    hinted: str = HINTED_TEMPLATE
+
+    def digest(self) -> str:
+        return sha256_text(self.system + "\x00" + self.hinted)[:16]
+
+
+DEFAULT_PROMPTS = PromptSet()
+
+
+def student_messages(question: str, prompts: PromptSet = DEFAULT_PROMPTS) -> list[dict]:
+    """System + bare question: what the student (and every rollout) sees."""
+    return [{"role": "system", "content": prompts.system}, {"role": "user", "content": question}]
+
+
+def hinted_user_prompt(question: str, correct: str, incorrect: str, prompts: PromptSet = DEFAULT_PROMPTS) -> str:
+    return prompts.hinted.format(question=question, correct=correct, incorrect=incorrect)
+
+
+def teacher_messages(question: str, correct: str, incorrect: str, prompts: PromptSet = DEFAULT_PROMPTS) -> list[dict]:
+    """System + hinted prompt (question, one correct and one wrong rollout): what the teacher sees."""
+    return [
+        {"role": "system", "content": prompts.system},
+        {"role": "user", "content": hinted_user_prompt(question, correct, incorrect, prompts)},
+    ]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn (``<|im_end|>`` for ChatML/Qwen), falling back to EOS."""
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            return tid
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither an end-of-turn token nor an eos_token_id")
+    return tokenizer.eos_token_id
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the chat template, with the generation prompt appended."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def reply_ids(tokenizer, reply: str) -> list[int]:
+    """Token ids of an assistant reply, always ending with exactly one end-of-turn token."""
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    eot = end_of_turn_id(tokenizer)
+    while ids and ids[-1] == eot:
+        ids = ids[:-1]
+    return list(ids) + [eot]
+
+
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat-templated string (for engines that take text)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from ssb.cli import main
+from ssb.config import ConfigError, SSBConfig, load_config, save_config
+
+
+def test_shipped_configs_load():
+    cfg = load_config("configs/paper_qwen2.5_3b.yaml")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-3B-Instruct"
+    assert (cfg.rollout.k, cfg.rollout.temperature, cfg.rollout.top_k) == (4, 0.8, 50)
+    assert (cfg.curate.target_pairs, cfg.curate.temperature, cfg.curate.max_new_tokens) == (256, 0.4, 8192)
+    assert (cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.lr, cfg.train.batch_size) == (32, 32, 2e-4, 4)
+    assert (cfg.train.epochs, cfg.train.kd_temperature, cfg.train.kd_weight, cfg.train.ce_weight) == (3, 2.0, 1.0, 0.0)
+    assert set(cfg.train.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert not cfg.train.qlora
+    assert load_config("configs/qlora_24gb.yaml").train.qlora
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-4", "capture.temperatures=[1, 2.5]", "eval.limit=null", "rounds=2"])
+    assert cfg.train.lr == 1e-4 and cfg.capture.temperatures == (1.0, 2.5) and cfg.eval.limit is None
+    assert cfg.rounds == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key train.lrr"),
+        ("nosuch=1", "unknown key nosuch"),
+        ("train.epochs=abc", "train.epochs: expected an integer"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("train.qlora=3", "train.qlora: expected true/false"),
+        ("model=3", "model: expected a mapping"),
+        ("train.lr", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lora_r: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+    bad.write_text("train:\n  typo_key: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.typo_key"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/paper_qwen2.5_3b.yaml", ["train.lr=3e-4"])
+    path = save_config(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg and isinstance(again, SSBConfig)
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == 3e-4
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "train.nope=1"]) == 2
+    assert "unknown key train.nope" in capsys.readouterr().err
