@@ -1,0 +1,156 @@
+"""``ssb run``: every stage in order into one run directory, resumable at stage granularity.
+
+``RUN_DIR/run.json`` records, per stage, its status, timings and the hash of the config it ran with (its
+own section and everything upstream). A rerun skips a completed stage whose hash is unchanged and redoes
+the rest; ``--from STAGE`` forces a restart there. A failure leaves completed stages intact and names the
+stage that failed. ``ssb demo`` (``ssb/demo.py``) builds on this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssb.config import SSBConfig, config_hash, save_config
+from ssb.files import atomic_write_json, sha256_text
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run: its name, the config sections it reads beyond its upstream, and how to run it."""
+
+    name: str
+    sections: tuple[str, ...]
+    run: Callable[[SSBConfig], int]
+
+
+def module_stage(name: str, module: str, sections: tuple[str, ...]) -> Stage:
+    """A stage that calls ``module.run_stage(cfg, args)`` (the same entry point as ``ssb <stage>``)."""
+
+    def run(cfg: SSBConfig) -> int:
+        return int(importlib.import_module(module).run_stage(cfg, stage_args()) or 0)
+
+    return Stage(name, sections, run)
+
+
+STAGES: list[Stage] = [
+    module_stage("rollout", "ssb.rollout", ("model", "data", "engine", "rollout")),
+    module_stage("curate", "ssb.curation", ("curate",)),
+    module_stage("capture", "ssb.teacher", ("capture",)),
+    module_stage("train", "ssb.trainer", ("train",)),
+    module_stage("eval", "ssb.eval", ("eval",)),
+]
+STAGE_NAMES = [stage.name for stage in STAGES]
+
+
+class StageFailed(RuntimeError):
+    """A stage raised or returned non-zero; completed stages stay on disk."""
+
+
+def stage_hashes(cfg: SSBConfig, plan: list[Stage]) -> dict[str, str]:
+    """Cumulative config hash per stage: a change upstream invalidates everything downstream."""
+    out: dict[str, str] = {}
+    seen: list[str] = [repr(cfg.seed)]
+    for stage in plan:
+        seen.extend(repr(getattr(cfg, s)) for s in stage.sections)
+        out[stage.name] = sha256_text("\n".join(seen))[:16]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "transformers", "peft", "vllm", "triton", "ssb"):
+        try:
+            versions[mod] = importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
+            continue
+    return versions
+
+
+def stage_args(**extra) -> argparse.Namespace:
+    """The Namespace a stage's ``run_stage`` receives when called from the pipeline."""
+    base = dict(config=None, overrides=[], inspect=None, adapter=None, compare=None, out=None, dry_run=False)
+    base["resume"] = True
+    base.update(extra)
+    return argparse.Namespace(**base)
+
+
+def load_manifest(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {"stages": {}}
+    return json.loads(path.read_text())
+
+
+def run_pipeline(
+    cfg: SSBConfig,
+    *,
+    from_stage: str | None = None,
+    plan: list[Stage] | None = None,
+) -> dict:
+    """Run the stages of ``plan`` (default: all of :data:`STAGES`) into ``cfg.run_dir``; return run.json."""
+    plan = STAGES if plan is None else plan
+    names = [stage.name for stage in plan]
+    if from_stage is not None and from_stage not in names:
+        raise ValueError(f"--from {from_stage!r}: expected one of {names}")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    manifest = load_manifest(run_dir)
+    manifest.update(config_hash=config_hash(cfg), versions=_versions())
+    hashes = stage_hashes(cfg, plan)
+    forced = False
+    stale = False
+    for stage in plan:
+        name = stage.name
+        rec = manifest["stages"].get(name, {})
+        forced = forced or name == from_stage
+        if not forced and not stale and rec.get("status") == "done" and rec.get("config_hash") == hashes[name]:
+            print(f"[ssb run] {name}: done, inputs unchanged, skipped", file=sys.stderr)
+            continue
+        stale = True  # everything after a rerun stage reruns too
+        rec = {"status": "running", "config_hash": hashes[name], "started": time.time()}
+        manifest["stages"][name] = rec
+        atomic_write_json(run_dir / "run.json", manifest)
+        print(f"[ssb run] {name}: running", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            rc = stage.run(cfg)
+            if rc:
+                raise StageFailed(f"stage {name} exited with status {rc}")
+        except BaseException as e:
+            rec.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+            rec["traceback"] = traceback.format_exc(limit=8)
+            atomic_write_json(run_dir / "run.json", manifest)
+            if isinstance(e, KeyboardInterrupt | StageFailed):
+                raise
+            raise StageFailed(
+                f"stage {name} failed: {type(e).__name__}: {e} (details in {run_dir / 'run.json'})"
+            ) from e
+        rec.update(status="done", seconds=time.perf_counter() - t0, finished=time.time())
+        atomic_write_json(run_dir / "run.json", manifest)
+    return manifest
+
+
+def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
+    """``ssb run``: all stages; prints where it failed and exits non-zero on failure."""
+    try:
+        run_pipeline(cfg, from_stage=getattr(args, "from_stage", None))
+    except StageFailed as e:
+        print(f"ssb run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo(cfg: SSBConfig, args: argparse.Namespace) -> int:
+    from ssb.demo import demo
+
+    return demo(cfg, args)
