@@ -1,0 +1,492 @@
+"""The teacher store: sparse top-k teacher log-probs in sha256-verified safetensors shards (SPEC.md section 5).
+
+Layout of a store directory::
+
+    manifest.json              written last; lists every shard with its row count and sha256
+    shard-00000.safetensors    examples [0, S) of student.jsonl (S = capture.shard_examples), then [S, 2S), ...
+
+Shard ``j`` always covers the same input examples, so a rerun skips every shard already on disk whose
+fingerprint (model, tokenizer, prompts, inputs, k, dtype, temperatures) matches. Loading maps the shards
+read-only (no copy) after checking sha256, shapes and dtypes, and names the bad file on failure. Nothing is
+ever unpickled. ``lse_T1.0`` is not stored: ``c_1 = 0`` exactly by definition (SPEC section 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from ssb.files import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_file, sha256_text
+from ssb.prompts import prompt_ids, reply_ids
+
+FORMAT = "ssb-teacher-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
+
+
+class StoreError(ValueError):
+    """A store is missing, corrupt or inconsistent; the message names the file."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was captured with another tokenizer, chat template or model than the caller uses."""
+
+
+def store_dir(run_dir: str | Path) -> Path:
+    """Where ``ssb capture`` writes the store of a run (and ``ssb train`` reads it)."""
+    return Path(run_dir) / "capture"
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def lse_key(temperature: float) -> str:
+    return f"lse_T{float(temperature)!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Compatibility hashes
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) plus the special tokens: equal hash, equal tokenisation table."""
+    blob = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+            "specials": sorted(map(str, tokenizer.all_special_tokens)),
+            "added": sorted((str(t.content), i) for i, t in tokenizer.added_tokens_decoder.items()),
+        },
+        ensure_ascii=False,
+    )
+    return sha256_text(blob)[:16]
+
+
+def chat_template_hash(tokenizer) -> str:
+    template = tokenizer.chat_template
+    return sha256_text(json.dumps(template, sort_keys=True))[:16]
+
+
+def check_compatible(
+    manifest: dict, tokenizer, model_name: str | None = None, *, vocab_size: int | None = None
+) -> None:
+    """Raise :class:`StoreMismatchError` unless ``tokenizer`` (and ``model_name``/``vocab_size``) match the store.
+
+    The trainer calls this before training: ids from another tokenizer or template would silently misalign.
+    """
+    where = manifest.get("path", "teacher store")
+    got = {"tokenizer hash": tokenizer_hash(tokenizer), "chat-template hash": chat_template_hash(tokenizer)}
+    want = {
+        "tokenizer hash": manifest["tokenizer"]["hash"],
+        "chat-template hash": manifest["tokenizer"]["chat_template"],
+    }
+    if model_name is not None:
+        got["model"], want["model"] = model_name, manifest["model"]["id"]
+    if vocab_size is not None:
+        got["vocab size"], want["vocab size"] = vocab_size, manifest["model"]["vocab_size"]
+    for key in got:
+        if got[key] != want[key]:
+            raise StoreMismatchError(
+                f"{where}: {key} mismatch: the store was captured with {want[key]!r}, the trainer uses {got[key]!r}; "
+                "recapture the store (ssb capture) with the trainer's model and tokenizer"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# One example, as captured and as loaded
+
+
+@dataclass(frozen=True)
+class StoreExample:
+    """The sparse teacher targets of one example; row r predicts ``token_ids[r]``.
+
+    Shape:
+        token_ids (R,) int32 - reply tokens, end-of-turn included
+        topk_ids (R, k) int32 - sorted by descending teacher log-prob
+        topk_logprobs (R, k) float32|float16 - full-vocabulary log-probs at T = 1
+        lse {T: (R,) float32} - exact c_T per captured temperature (T = 1 is zeros)
+        token_logprob (R,) float32 - teacher log-prob of ``token_ids[r]``, also outside the top-k
+    """
+
+    example_index: int
+    token_ids: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    lse: dict[float, torch.Tensor]
+    token_logprob: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class DistillExample:
+    """A student sequence and the teacher targets aligned to it.
+
+    Hidden positions ``reply_start .. reply_start + R - 1`` of ``input_ids`` predict the R reply tokens.
+
+    Shape:
+        input_ids (P + R - 1,) long - student chat prompt (generation prompt included) + reply ids[:-1]
+        token_ids (R,), topk_ids (R, k), topk_logprobs (R, k), lse_t (R,) float32 - c_T at the training T
+    """
+
+    example_index: int
+    input_ids: torch.Tensor
+    reply_start: int
+    token_ids: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    lse_t: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class StoreWriter:
+    """Writes shards atomically (temp file + rename) and the manifest last; knows which shards are done.
+
+    ``header`` goes into the manifest verbatim and must contain ``fingerprint``: shards written under another
+    fingerprint are stale and get removed (with a message) rather than mixed into the new store.
+    """
+
+    def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float]):
+        if value_dtype not in ("float32", "float16"):
+            raise ValueError(f"value_dtype: expected float32 or float16, got {value_dtype!r}")
+        self.path = Path(path)
+        self.header = header
+        self.fingerprint = str(header["fingerprint"])
+        self.k = k
+        self.value_dtype = value_dtype
+        self.temperatures = [float(t) for t in temperatures if float(t) != 1.0]  # stored lse_T keys
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            try:
+                fp = json.loads(manifest.read_text()).get("fingerprint")
+            except (OSError, json.JSONDecodeError):
+                fp = None
+            if fp != self.fingerprint:
+                print(f"[capture] {manifest}: made from other inputs/settings, rebuilding the store", file=sys.stderr)
+            manifest.unlink()  # rewritten by finish(); a half-resumed store must not look complete
+        for f in sorted(self.path.iterdir()):
+            if f.name.startswith(".shard-") and f.name.endswith(".tmp"):
+                f.unlink()  # a write interrupted before its rename
+            elif _SHARD_RE.match(f.name) and self._shard_meta(f) is None:
+                print(f"[capture] {f}: stale or unreadable shard, recapturing it", file=sys.stderr)
+                f.unlink()
+
+    def _shard_meta(self, f: Path) -> dict | None:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                meta = h.metadata() or {}
+        except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
+            return None
+        return meta if meta.get("fingerprint") == self.fingerprint else None
+
+    def done(self, j: int) -> bool:
+        return (self.path / shard_name(j)).exists()
+
+    def write_shard(self, j: int, examples: list[StoreExample], skipped: list[dict]) -> Path:
+        """Serialise ``examples`` (in input order) and ``skipped`` records into shard ``j``, atomically."""
+        vdt = getattr(torch, self.value_dtype)
+        offsets = torch.tensor([0] + [e.rows for e in examples], dtype=torch.int64).cumsum(0)  # (n+1,)
+
+        def cat(get, dtype, shape_tail=()):
+            parts = [get(e).to(dtype).reshape(-1, *shape_tail) for e in examples]
+            return torch.cat(parts) if parts else torch.zeros(0, *shape_tail, dtype=dtype)
+
+        tensors = {
+            "offsets": offsets,
+            "example_index": torch.tensor([e.example_index for e in examples], dtype=torch.int64),
+            "token_ids": cat(lambda e: e.token_ids, torch.int32),
+            "topk_ids": cat(lambda e: e.topk_ids, torch.int32, (self.k,)),
+            "topk_logprobs": cat(lambda e: e.topk_logprobs, vdt, (self.k,)),
+            "token_logprob": cat(lambda e: e.token_logprob, torch.float32),
+        }
+        for t in self.temperatures:
+            tensors[lse_key(t)] = cat(lambda e, t=t: e.lse[t], torch.float32)
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "fingerprint": self.fingerprint,
+            "shard": str(j),
+            "skipped": json.dumps(skipped, sort_keys=True),
+        }
+        out = self.path / shard_name(j)
+        atomic_write_bytes(out, st_save({n: t.contiguous() for n, t in tensors.items()}, metadata=meta))
+        return out
+
+    def finish(self, n_shards: int, extra: dict | None = None) -> dict:
+        """Collect shard counts, hashes and skip records and write ``manifest.json`` (last). Returns it."""
+        shards, skipped, rows, examples = [], [], 0, 0
+        for j in range(n_shards):
+            f = self.path / shard_name(j)
+            meta = self._shard_meta(f)
+            if meta is None:
+                raise StoreError(f"{f}: missing or written under another fingerprint; rerun ssb capture")
+            with safe_open(str(f), framework="pt") as h:
+                n_rows = h.get_slice("token_ids").get_shape()[0]
+                n_ex = h.get_slice("example_index").get_shape()[0]
+            skipped.extend(json.loads(meta["skipped"]))
+            shards.append({"file": f.name, "examples": n_ex, "rows": n_rows, "bytes": f.stat().st_size,
+                           "sha256": sha256_file(f)})  # fmt: skip
+            rows += n_rows
+            examples += n_ex
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.header,
+            "k": self.k,
+            "value_dtype": self.value_dtype,
+            "counts": {"examples": examples, "rows": rows, "skipped": len(skipped)},
+            "skipped": skipped,
+            "shards": shards,
+            **(extra or {}),
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+
+def is_complete(path: str | Path, fingerprint: str) -> bool:
+    """True when ``path`` holds a finished store (manifest written) made under ``fingerprint``."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("fingerprint") == fingerprint
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16}
+
+
+def _mmap_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a read-only view of one private mmap (no copy, no pickle)."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise StoreError(f"{f}: truncated safetensors header")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    storage = torch.UntypedStorage.from_file(str(f), shared=False, nbytes=size)
+    base = torch.empty(0, dtype=torch.uint8).set_(storage)
+    out = {}
+    for name, info in header.items():
+        start, end = (8 + n + o for o in info["data_offsets"])
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None or end > size:
+            raise StoreError(f"{f}: tensor {name!r} has dtype {info['dtype']} or offsets beyond the file")
+        out[name] = base[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+class TeacherStore:
+    """A verified, memory-mapped teacher store; ``store[i]`` is the i-th captured example (input order).
+
+    ``verify=True`` checks every shard's sha256 against the manifest (reads each file once).
+    """
+
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            raise StoreError(f"{mpath}: missing (capture not run or not finished: rerun ssb capture to resume)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{mpath}: invalid JSON: {e}") from None
+        self.manifest["path"] = str(self.path)
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{mpath}: not an {FORMAT} v{FORMAT_VERSION} manifest")
+        self.k = int(self.manifest["k"])
+        self.exact_temperatures = [float(t) for t in self.manifest["exact_temperatures"]]
+        self._warned: set[float] = set()
+        self._shards = [self._load_shard(s, verify) for s in self.manifest["shards"]]
+        self._index = [(si, j) for si, sh in enumerate(self._shards) for j in range(sh["example_index"].shape[0])]
+        self._by_example = {int(self._shards[si]["example_index"][j]): n for n, (si, j) in enumerate(self._index)}
+
+    def _load_shard(self, rec: dict, verify: bool) -> dict[str, torch.Tensor]:
+        f = self.path / rec["file"]
+        if not f.exists():
+            raise StoreError(f"{f}: shard listed in {MANIFEST} is missing")
+        if f.stat().st_size != rec["bytes"]:
+            raise StoreError(f"{f}: size {f.stat().st_size} != {rec['bytes']} bytes in {MANIFEST} (truncated?)")
+        if verify and sha256_file(f) != rec["sha256"]:
+            raise StoreError(f"{f}: sha256 does not match {MANIFEST} (corrupt shard; rerun ssb capture)")
+        try:
+            t = _mmap_tensors(f)
+        except (ValueError, RuntimeError, KeyError, struct.error) as e:
+            raise StoreError(f"{f}: unreadable shard: {e}") from None
+        self._check_shapes(f, t, rec)
+        return t
+
+    def _check_shapes(self, f: Path, t: dict[str, torch.Tensor], rec: dict) -> None:
+        n, rows, k = rec["examples"], rec["rows"], self.k
+        vdt = getattr(torch, self.manifest["value_dtype"])
+        want = {
+            "offsets": ((n + 1,), torch.int64),
+            "example_index": ((n,), torch.int64),
+            "token_ids": ((rows,), torch.int32),
+            "topk_ids": ((rows, k), torch.int32),
+            "topk_logprobs": ((rows, k), vdt),
+            "token_logprob": ((rows,), torch.float32),
+        }
+        for temp in self.exact_temperatures:
+            if temp != 1.0:
+                want[lse_key(temp)] = ((rows,), torch.float32)
+        for name, (shape, dtype) in want.items():
+            if name not in t:
+                raise StoreError(f"{f}: tensor {name!r} missing")
+            if tuple(t[name].shape) != shape or t[name].dtype != dtype:
+                raise StoreError(
+                    f"{f}: tensor {name!r} is {tuple(t[name].shape)} {t[name].dtype}, expected {shape} {dtype}"
+                )
+        off = t["offsets"]
+        if n and (off[0] != 0 or off[-1] != rows or bool((off[1:] < off[:-1]).any())):
+            raise StoreError(f"{f}: offsets are not a non-decreasing 0..{rows} partition")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> StoreExample:
+        si, j = self._index[i]
+        t = self._shards[si]
+        a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])
+        lse = {1.0: torch.zeros(b - a, dtype=torch.float32)}
+        lse.update({temp: t[lse_key(temp)][a:b] for temp in self.exact_temperatures if temp != 1.0})
+        return StoreExample(
+            example_index=int(t["example_index"][j]),
+            token_ids=t["token_ids"][a:b],
+            topk_ids=t["topk_ids"][a:b],
+            topk_logprobs=t["topk_logprobs"][a:b],
+            lse=lse,
+            token_logprob=t["token_logprob"][a:b],
+        )
+
+    def position_of(self, example_index: int) -> int:
+        """Position in this store of the example from line ``example_index`` of student.jsonl (KeyError if skipped)."""
+        return self._by_example[example_index]
+
+    def lse_for(self, temperature: float, example: StoreExample) -> torch.Tensor:
+        """``c_T`` for ``example`` (R,): exact when captured, else SPEC section 1's one-token-tail approximation."""
+        t = float(temperature)
+        if t in example.lse:
+            return example.lse[t]
+        if t not in self._warned:
+            self._warned.add(t)
+            warnings.warn(
+                f"{self.path}: c_T for T={t} was not captured (exact: {self.exact_temperatures}); "
+                "approximating the teacher tail as one token (SPEC section 1)",
+                stacklevel=2,
+            )
+        return approx_lse(example.topk_logprobs, t)
+
+    def bytes_per_row(self) -> float:
+        rows = max(1, self.manifest["counts"]["rows"])
+        return sum(s["bytes"] for s in self.manifest["shards"]) / rows
+
+
+def approx_lse(topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``c_T ~= LSE(l_K / T, log(1 - sum_K exp(l_K)) / T)`` per row (float64 math, float32 out), tail in log space.
+
+    Float32 inputs whose top-k holds all the mass leave a rounding tail of ~1e-7, worth ~1e-4 in c_T at T = 2.
+
+    Shape: topk_logprobs (R, k) -> (R,)
+    """
+    lp = topk_logprobs.double()
+    lse_k = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
+    log_tail = torch.log(-torch.expm1(lse_k))  # log(1 - Q_K), -inf when the top-k holds all the mass
+    cols = torch.cat([lp / temperature, (log_tail / temperature).unsqueeze(-1)], dim=-1)
+    return torch.logsumexp(cols, dim=-1).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Student side
+
+
+def build_student_examples(
+    store: TeacherStore, student_jsonl: str | Path, tokenizer, temperature: float
+) -> list[DistillExample]:
+    """Pair every stored example with its student view (line ``example_index`` of ``student_jsonl``).
+
+    The student prompt is the chat template of [system, bare question] with the generation prompt; the reply
+    ids are recomputed and must equal the stored ones (else :class:`StoreMismatchError` naming the line).
+    """
+    check_compatible(store.manifest, tokenizer)
+    records = read_jsonl(student_jsonl)
+    out = []
+    for i in range(len(store)):
+        ex = store[i]
+        line = ex.example_index + 1
+        if ex.example_index >= len(records):
+            raise StoreMismatchError(f"{student_jsonl}: has {len(records)} examples, store expects line {line}")
+        msgs = records[ex.example_index].get("messages")
+        if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+            raise StoreMismatchError(f"{student_jsonl}:{line}: messages: expected [..., user, assistant]")
+        p_ids = prompt_ids(tokenizer, msgs[:-1])
+        r_ids = reply_ids(tokenizer, msgs[-1]["content"])
+        if r_ids != ex.token_ids.tolist():
+            raise StoreMismatchError(
+                f"{student_jsonl}:{line}: the reply tokenises to {len(r_ids)} ids that differ from the "
+                f"{ex.rows} stored ones (edited file or different tokenizer)"
+            )
+        input_ids = torch.tensor(p_ids + r_ids[:-1], dtype=torch.long)
+        out.append(
+            DistillExample(
+                example_index=ex.example_index,
+                input_ids=input_ids,
+                reply_start=len(p_ids) - 1,
+                token_ids=ex.token_ids,
+                topk_ids=ex.topk_ids,
+                topk_logprobs=ex.topk_logprobs,
+                lse_t=store.lse_for(temperature, ex),
+            )
+        )
+    return out
+
+
+def summarize(store: TeacherStore) -> dict:
+    """Inspection figures: examples, rows, bytes/row, mean top-k teacher mass, share of reply tokens in the top-k."""
+    mass, hits, rows = 0.0, 0, 0
+    for i in range(len(store)):
+        ex = store[i]
+        mass += float(ex.topk_logprobs.float().exp().sum(-1).sum())
+        hits += int((ex.topk_ids == ex.token_ids.unsqueeze(-1)).any(-1).sum())
+        rows += ex.rows
+    m = store.manifest
+    dense = 4 * int(m["model"]["vocab_size"])
+    bpr = store.bytes_per_row()
+    return {
+        "path": str(store.path),
+        "model": m["model"]["id"],
+        "backend": m.get("backend"),
+        "k": store.k,
+        "value_dtype": m["value_dtype"],
+        "exact_temperatures": store.exact_temperatures,
+        "examples": len(store),
+        "rows": rows,
+        "skipped": m["counts"]["skipped"],
+        "bytes_per_row": bpr,
+        "dense_fp32_bytes_per_row": dense,
+        "ratio_to_dense": bpr / dense if dense else math.nan,
+        "mean_topk_mass": mass / max(rows, 1),
+        "reply_token_in_topk": hits / max(rows, 1),
+    }
