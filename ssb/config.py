@@ -114,9 +114,10 @@ class TrainConfig:
 class EvalConfig:
     benchmarks: tuple[str, ...] = ("math500", "aime2024", "gsm8k")
     protocol: str = "ssb-paper"  # ssb-paper | qwen-math | r1
-    n: int = 1
+    n: int | None = None  # samples per problem; None: the protocol's own
     temperature: float | None = None  # None: the protocol's own
-    max_new_tokens: int | None = None
+    top_p: float | None = None  # None: the protocol's own
+    max_new_tokens: int | None = None  # None: the protocol's own
     limit: int | None = None
     seed: int = 0
 
@@ -125,6 +126,10 @@ class EvalConfig:
 class SSBConfig:
     run_dir: str = "runs/default"
     seed: int = 0
+    adapter: str | None = None  # None: RUN_DIR/train/adapter when it exists
+    include_base: bool = True  # also evaluate the base model (resumed, so free after the first time)
+    grader_workers: int = 2  # grading processes; 0 = grade inline
+    bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
     rounds: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
