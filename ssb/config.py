@@ -120,16 +120,16 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: the protocol's own
     limit: int | None = None
     seed: int = 0
+    adapter: str | None = None  # None: RUN_DIR/train/adapter when it exists
+    include_base: bool = True  # also evaluate the base model (resumed, so free after the first time)
+    grader_workers: int = 2  # grading processes; 0 = grade inline
+    bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
 
 
 @dataclass(frozen=True)
 class SSBConfig:
     run_dir: str = "runs/default"
     seed: int = 0
-    adapter: str | None = None  # None: RUN_DIR/train/adapter when it exists
-    include_base: bool = True  # also evaluate the base model (resumed, so free after the first time)
-    grader_workers: int = 2  # grading processes; 0 = grade inline
-    bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
     rounds: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
