@@ -1,0 +1,102 @@
+"""Trainer checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
+
+Layout of ``RUN_DIR/train/checkpoints/step-NNNNNN/``: ``adapter/`` (standard PEFT format, loadable for eval),
+``trainable.safetensors`` (the exact trainable tensors, used to resume), ``optimizer.pt``, ``scheduler.pt``,
+``rng-rank<R>.pt`` and ``state.json`` (step = data position, since the example stream is a function of the
+step; see ``ssb.train_data``). A checkpoint is built in a temp directory and renamed into place, so a crash
+never leaves a half-written ``step-*`` directory. Only tensors/primitives are saved, and loading uses
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssb.files import atomic_write_json
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    peft_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    rank: int,
+    world: int,
+    barrier=lambda: None,
+    extra: dict | None = None,
+) -> Path:
+    """Write checkpoint ``step`` (all ranks call this; rank 0 writes model/optimizer, every rank its RNG)."""
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        peft_model.save_pretrained(tmp / "adapter")
+        save_file(trainable_state(peft_model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    barrier()
+    if rank == 0:
+        atomic_write_json(tmp / "state.json", {"step": step, "world_size": world, **(extra or {})})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier()
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    done = [p for p in ckpt_root.glob("step-*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_checkpoint(path: Path, peft_model: torch.nn.Module, optimizer, scheduler, *, rank: int) -> dict:
+    """Restore a checkpoint in place; returns its ``state.json``. Errors name the file that is wrong."""
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "trainable.safetensors")
+    params = dict(peft_model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing or set(tensors) - set(params):
+        raise ValueError(
+            f"{path / 'trainable.safetensors'}: parameters do not match the model "
+            f"(missing {missing[:3]}, unexpected {sorted(set(tensors) - set(params))[:3]}); "
+            "was the LoRA config changed?"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,212 @@
+"""The student for ``ssb train``: base model (optionally 4-bit NF4), LoRA adapters, and the loss path.
+
+The loss path never calls the LM head on the full sequence: :class:`StudentBody` returns the final
+(normed) hidden states, the trainer selects the reply positions, and :func:`distill_loss_sums` hands them
+with the (frozen, possibly tied) LM head weight to ``ssb_kernels.sparse_kd_loss``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssb.config import ModelConfig, TrainConfig
+from ssb.train_data import Batch
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU training is for tests and the toy model)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"model.dtype: expected auto|float32|bfloat16|float16, got {name!r}")
+    return table[name]
+
+
+def attn_implementation(requested: str, device: torch.device) -> str:
+    """flash-attention 2 on CUDA when installed, SDPA otherwise (both honour packed position ids)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def quantize_4bit_(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Replace every ``nn.Linear`` in the decoder body by a bitsandbytes NF4 ``Linear4bit`` (double quant).
+
+    The LM head and the embeddings stay unquantised (they are not inside the decoder layers). Returns the
+    number of layers replaced. Works on random-weight models (dry run) and loaded ones alike.
+    """
+    import bitsandbytes as bnb
+
+    body = model.get_decoder()
+    replaced = 0
+    for parent in list(body.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                compress_statistics=True,  # double quantisation of the absmax constants
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data.to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
+            )
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, name, q.to(device))  # .to() quantises the weight
+            replaced += 1
+    return replaced
+
+
+def apply_liger_(model: nn.Module) -> bool:
+    """Liger's RMSNorm/RoPE/SwiGLU kernels for the body when installed (CUDA, Qwen2); their CE stays off."""
+    if importlib.util.find_spec("liger_kernel") is None or getattr(model.config, "model_type", "") != "qwen2":
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
+    return True
+
+
+def build_base(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, *, config=None
+) -> tuple[nn.Module, dict]:
+    """Load the base causal LM (or build it from ``config`` with random weights), quantised if QLoRA.
+
+    Returns the model on ``device`` and a dict of facts for the log (dtype, attention backend, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    attn = attn_implementation(train_cfg.attn_implementation, device)
+    if config is None:
+        hf_config = AutoConfig.from_pretrained(
+            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            dtype=dtype,
+            attn_implementation=attn,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    else:
+        hf_config = config
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+    facts = {"dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn, "qlora": train_cfg.qlora}
+    facts["tied_embeddings"] = bool(getattr(hf_config, "tie_word_embeddings", False))
+    if train_cfg.qlora:
+        facts["quantised_linear_layers"] = quantize_4bit_(model, dtype, device)
+    model.to(device)
+    if device.type == "cuda":
+        facts["liger"] = apply_liger_(model)
+    model.config.use_cache = False
+    return model, facts
+
+
+def attach_lora(model: nn.Module, train_cfg: TrainConfig):
+    """Wrap ``model`` with LoRA adapters (peft); everything else is frozen. Gradient checkpointing per config."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=train_cfg.lora_r,
+        lora_alpha=train_cfg.lora_alpha,
+        lora_dropout=train_cfg.lora_dropout,
+        use_rslora=train_cfg.use_rslora,
+        target_modules=list(train_cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if train_cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with DDP
+        peft_model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return peft_model
+
+
+class StudentBody(nn.Module):
+    """The decoder without its LM head: ``(input_ids, position_ids, attention_mask) -> hidden (B, L, H)``.
+
+    Holds the PEFT model so that DDP sees (and synchronises) exactly the LoRA parameters.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        decoder = self.peft_model.get_base_model().get_decoder()
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+def lm_head_weight(peft_model: nn.Module) -> torch.Tensor:
+    """The LM head weight ``(V, H)`` (the input embedding when tied); frozen."""
+    return peft_model.get_base_model().get_output_embeddings().weight
+
+
+@dataclass(frozen=True)
+class LossSums:
+    """Per-micro-batch loss sums over distilled rows (not yet normalised). Shape: scalars."""
+
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, train_cfg: TrainConfig) -> LossSums:
+    """Sum over the batch's distilled rows of the KD loss (T^2-scaled, SPEC section 3) and of the CE loss.
+
+    CE is computed as a sparse KD against a one-hot teacher (k = 1, log-prob 0, T = 1, c_1 = 0): with the
+    ``tail`` variant that is exactly ``-log p(token)``, through the same fused kernel, so no logits are
+    materialised for it either. A term whose weight is 0 is not computed (returns 0).
+
+    Shape:
+        hidden (B, L, H); weight (V, H); batch.rows (N,) -> scalars
+    """
+    from ssb_kernels import sparse_kd_loss
+
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H)
+    zero = h.new_zeros((), dtype=torch.float32)
+    kd = ce = zero
+    if train_cfg.kd_weight != 0:
+        kd = sparse_kd_loss(
+            h,
+            weight,
+            batch.topk_ids,
+            batch.topk_logprobs,
+            lse_t=batch.lse_t,
+            temperature=train_cfg.kd_temperature,
+            variant=train_cfg.variant,
+            reduction="sum",
+            impl=train_cfg.loss_impl,
+        )
+    if train_cfg.ce_weight != 0:
+        ce = sparse_kd_loss(
+            h,
+            weight,
+            batch.token_ids[:, None],
+            torch.zeros_like(batch.token_ids[:, None], dtype=torch.float32),
+            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32),
+            temperature=1.0,
+            variant="tail",
+            reduction="sum",
+            impl=train_cfg.loss_impl,
+        )
+    return LossSums(kd=kd.float(), ce=ce.float())

@@ -1,0 +1,338 @@
+"""``ssb train``: distil the stored sparse teacher into a LoRA/QLoRA student (bare question -> reply).
+
+``setup()`` then one flat loop (lr, data, forward/backward with accumulation, clip, step, log,
+checkpoint). The loss is normalised in exactly one place: by the number of distilled tokens of the
+whole accumulation window over all ranks, so accumulation 4x2 equals 1x8 and 2 DDP ranks equal 1
+process with the same global batch.
+
+Inputs: ``RUN_DIR/curate/student.jsonl`` and the teacher store ``RUN_DIR/capture/``. Outputs under
+``RUN_DIR/train/``: ``adapter/`` (standard PEFT format), ``checkpoints/``, ``metrics.jsonl``, ``config.yaml``.
+Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP; gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ssb.config import SSBConfig, save_config
+from ssb.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from ssb.train_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from ssb.train_data import (
+    Example,
+    check_examples,
+    collate,
+    rank_micro_batches,
+    steps_for,
+    stream_indices,
+    teacher_topk_mass,
+)
+from ssb.train_model import StudentBody, attach_lora, build_base, distill_loss_sums, lm_head_weight
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs; built once by :func:`setup`."""
+
+    cfg: SSBConfig
+    out_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    peft_model: torch.nn.Module
+    body: torch.nn.Module  # StudentBody, DDP-wrapped when world > 1
+    weight: torch.Tensor  # (V, H) frozen LM head
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    examples: Sequence[Example]
+    lengths: list[int]
+    global_batch: int
+    total_steps: int
+    start_step: int
+    facts: dict
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return rank, world, device
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    """Linear warmup (the first step already has lr > 0), then cosine/linear decay to 0, or constant."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"train.schedule: expected cosine|linear|constant, got {schedule!r}")
+    warmup = round(warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if schedule == "linear" else 1.0
+
+    return f
+
+
+def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
+    """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``."""
+    from transformers import AutoTokenizer
+
+    from ssb.store import TeacherStore, build_student_examples, store_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    store = TeacherStore(store_dir(run_dir))
+    return build_student_examples(store, run_dir / "curate" / "student.jsonl", tokenizer, cfg.train.kd_temperature)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process peak RSS
+
+
+def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequence[Example] | None = None) -> Setup:
+    """Model, adapters, optimizer, schedule, data and (with ``resume``) the latest checkpoint's state."""
+    tc = cfg.train
+    rank, world, device = init_distributed()
+    seed = tc.seed + rank  # RNG streams differ per rank; the data order does not depend on it
+    random.seed(seed)
+    torch.manual_seed(seed)
+    out_dir = run_dir / "train"
+    if examples is None:
+        examples = load_examples(cfg, run_dir)
+    check_examples(examples)
+
+    torch.manual_seed(tc.seed)  # identical LoRA init on every rank
+    base, facts = build_base(cfg.model, tc, device)
+    peft_model = attach_lora(base, tc)
+    peft_model.train()
+    body: torch.nn.Module = StudentBody(peft_model)
+    if world > 1:
+        body = torch.nn.parallel.DistributedDataParallel(
+            body, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    facts["trainable_params"] = sum(p.numel() for p in trainable)
+    facts["world_size"] = world
+    optimizer = torch.optim.AdamW(
+        trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda"
+    )
+    global_batch = tc.batch_size * tc.grad_accum * world
+    total_steps = steps_for(len(examples), tc.epochs, global_batch, tc.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio, tc.schedule))
+
+    start_step = 0
+    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank=rank)
+        start_step = int(state["step"])
+        if rank == 0 and (out_dir / "metrics.jsonl").is_file():  # drop log lines the resumed run will redo
+            kept = [
+                r for r in read_jsonl(out_dir / "metrics.jsonl", tolerate_partial_tail=True) if r["step"] < start_step
+            ]
+            atomic_write_jsonl(out_dir / "metrics.jsonl", kept)
+    elif rank == 0:  # a fresh run: stale checkpoints and logs of an earlier run would mislead a later --resume
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
+    facts["resumed_from"] = str(ckpt) if ckpt is not None else None
+    return Setup(
+        cfg=cfg,
+        out_dir=out_dir,
+        device=device,
+        rank=rank,
+        world=world,
+        peft_model=peft_model,
+        body=body,
+        weight=lm_head_weight(peft_model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        examples=examples,
+        lengths=[int(ex.input_ids.numel()) for ex in examples],
+        global_batch=global_batch,
+        total_steps=total_steps,
+        start_step=start_step,
+        facts=facts,
+    )
+
+
+def train(
+    cfg: SSBConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    examples: Sequence[Example] | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train and return the final adapter directory (``RUN_DIR/train/adapter``, standard PEFT format).
+
+    ``examples`` overrides loading from the run directory (tests, benchmarks); ``stop_after`` ends the run
+    cleanly after that many optimizer steps without writing the final adapter (a simulated pre-emption).
+    """
+    s = setup(cfg, Path(run_dir), resume=resume, examples=examples)
+    tc, dev = cfg.train, s.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    trainable = [p for p in s.peft_model.parameters() if p.requires_grad]
+    if s.is_main:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, s.out_dir)
+        print(
+            f"ssb train: {len(s.examples)} examples, {s.total_steps} steps, global batch {s.global_batch} "
+            f"({s.world} rank(s)), {s.facts}",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", disable=not s.is_main, dynamic_ncols=True)
+    stopped = False
+    for step in range(s.start_step, s.total_steps):
+        t0 = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        # ---- data: this step's global examples -> this rank's micro-batches
+        indices = stream_indices(len(s.examples), step * s.global_batch, s.global_batch, tc.seed)
+        micro = rank_micro_batches(
+            indices, s.lengths, rank=s.rank, world=s.world, batch_size=tc.batch_size, token_budget=tc.micro_token_budget
+        )
+        batches = [collate([s.examples[i] for i in mb], packing=tc.packing) for mb in micro]
+
+        # ---- loss normaliser (the ONE place): distilled tokens of the whole window on all ranks.
+        # DDP averages gradients over ranks, so each rank scales by world / n_window.
+        n_window = all_reduce_sum(torch.tensor(float(sum(b.n_rows for b in batches)), device=dev), s.world)
+        scale = s.world / n_window
+
+        # ---- forward/backward, accumulating; gradients synchronise on the last micro-batch only
+        stats = torch.zeros(6, dtype=torch.float64, device=dev)  # kd, ce, teacher mass, reply tokens, examples, input
+        for j, b in enumerate(batches):
+            b = b.to(dev)
+            sync = j == len(batches) - 1 or s.world == 1
+            with contextlib.nullcontext() if sync else s.body.no_sync():
+                with autocast:
+                    hidden = s.body(b.input_ids, b.position_ids, b.attention_mask)  # (B, L, H)
+                sums = distill_loss_sums(hidden, s.weight, b, tc)
+                loss = (tc.kd_weight * sums.kd + tc.ce_weight * sums.ce) * scale
+                loss.backward()
+            stats += torch.stack(
+                [
+                    sums.kd.detach().double(),
+                    sums.ce.detach().double(),
+                    teacher_topk_mass(b).to(dev),
+                    b.reply_lens.sum().double().to(dev),
+                    torch.tensor(float(len(b.reply_lens)), dtype=torch.float64, device=dev),
+                    torch.tensor(float(b.n_input_tokens), dtype=torch.float64, device=dev),
+                ]
+            )
+
+        # ---- clip, step
+        max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        lr = s.scheduler.get_last_lr()[0]
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+
+        # ---- log
+        stats = all_reduce_sum(stats, s.world).tolist()
+        n = float(n_window)
+        step_time = time.perf_counter() - t0
+        record = {
+            "step": step,
+            "epoch": (step + 1) * s.global_batch / len(s.examples),
+            "loss": (tc.kd_weight * stats[0] + tc.ce_weight * stats[1]) / n,
+            "kd_loss": stats[0] / n,
+            "ce_loss": stats[1] / n,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "distilled_tokens": int(n),
+            "input_tokens": int(stats[5]),
+            "distilled_tokens_per_s": n / step_time,
+            "step_time_s": step_time,
+            "peak_memory_mb": peak_memory_mb(dev),
+            "completion_length": stats[3] / stats[4],
+            "teacher_topk_mass": stats[2] / n,
+        }
+        if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
+            append_jsonl(s.out_dir / "metrics.jsonl", [record])
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['distilled_tokens_per_s']:.0f}")
+        bar.update(1)
+
+        # ---- checkpoint
+        if tc.save_every > 0 and (step + 1) % tc.save_every == 0:
+            barrier = dist.barrier if s.world > 1 else (lambda: None)
+            save_checkpoint(
+                s.out_dir / "checkpoints",
+                step + 1,
+                s.peft_model,
+                s.optimizer,
+                s.scheduler,
+                rank=s.rank,
+                world=s.world,
+                barrier=barrier,
+                extra={"total_steps": s.total_steps, "global_batch": s.global_batch},
+            )
+        if stop_after is not None and step + 1 >= stop_after:
+            stopped = True
+            break
+    bar.close()
+
+    # ---- final adapter (standard PEFT format) + resolved config
+    adapter_dir = s.out_dir / "adapter"
+    if s.is_main and not stopped:
+        s.peft_model.save_pretrained(adapter_dir)
+        atomic_write_json(s.out_dir / "train_facts.json", s.facts)
+    if s.world > 1:
+        dist.barrier()
+    return adapter_dir
+
+
+def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
+    """``ssb train [--resume] [--dry-run]``."""
+    run_dir = Path(cfg.run_dir)
+    if getattr(args, "dry_run", False):
+        from ssb.train_dryrun import dry_run
+
+        return dry_run(cfg, run_dir)
+    adapter = train(cfg, run_dir, resume=bool(getattr(args, "resume", False)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ssb train: adapter written to {adapter}", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+__all__ = ["train", "run_stage", "setup"]
