@@ -109,6 +109,10 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
     log_every: int = 1
     seed: int = 0
+    micro_token_budget: int = 0  # >0: micro-batches by input-token budget instead of batch_size examples
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager
+    dry_run_config: str = "configs/qwen2.5_3b_config.json"  # architecture for `ssb train --dry-run`
+    dry_run_mem_gib: float = 24.0  # memory cap for the dry-run sequence search
 
 
 @dataclass(frozen=True)
