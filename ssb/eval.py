@@ -41,7 +41,7 @@ class Protocol:
 
     name: str
     system: str | None  # None: no system message
-    user_template: str  # formatted with {question}
+    user_template: str  # "{question}" is replaced by the question (plain replace: LaTeX braces stay as they are)
     temperature: float  # 0 = greedy
     top_p: float
     top_k: int  # 0 = off
@@ -50,7 +50,7 @@ class Protocol:
     source: str  # where the preset comes from
 
     def messages(self, question: str) -> list[dict]:
-        user = {"role": "user", "content": self.user_template.format(question=question)}
+        user = {"role": "user", "content": self.user_template.replace("{question}", question)}
         return ([{"role": "system", "content": self.system}] if self.system is not None else []) + [user]
 
 
