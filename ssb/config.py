@@ -80,6 +80,7 @@ class CaptureConfig:
     token_budget: int = 16384  # tokens per forward batch
     shard_examples: int = 64
     kernel_impl: str = "auto"
+    vllm_max_num_batched_tokens: int = 2048  # small: vLLM materialises (tokens, V) prompt log-probs per step
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class StoreWriter:
     def _shard_meta(self, f: Path) -> dict | None:
         try:
             with safe_open(str(f), framework="pt") as h:
-                meta = h.metadata() or {}
+                meta = json.loads((h.metadata() or {})["ssb"])
         except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
             return None
         return meta if meta.get("fingerprint") == self.fingerprint else None
@@ -221,15 +221,13 @@ class StoreWriter:
         }
         for t in self.temperatures:
             tensors[lse_key(t)] = cat(lambda e, t=t: e.lse[t], torch.float32)
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "fingerprint": self.fingerprint,
-            "shard": str(j),
-            "skipped": json.dumps(skipped, sort_keys=True),
-        }
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "shard": j,
+                "skipped": skipped}  # fmt: skip
+        # one metadata key: safetensors keeps metadata in a hash map, so several keys serialise in random order
+        # and an identical recapture would not give identical bytes
+        blob = {"ssb": json.dumps(meta, sort_keys=True)}
         out = self.path / shard_name(j)
-        atomic_write_bytes(out, st_save({n: t.contiguous() for n, t in tensors.items()}, metadata=meta))
+        atomic_write_bytes(out, st_save({n: t.contiguous() for n, t in tensors.items()}, metadata=blob))
         return out
 
     def finish(self, n_shards: int, extra: dict | None = None) -> dict:
@@ -243,7 +241,7 @@ class StoreWriter:
             with safe_open(str(f), framework="pt") as h:
                 n_rows = h.get_slice("token_ids").get_shape()[0]
                 n_ex = h.get_slice("example_index").get_shape()[0]
-            skipped.extend(json.loads(meta["skipped"]))
+            skipped.extend(meta["skipped"])
             shards.append({"file": f.name, "examples": n_ex, "rows": n_rows, "bytes": f.stat().st_size,
                            "sha256": sha256_file(f)})  # fmt: skip
             rows += n_rows
