@@ -1,0 +1,273 @@
+"""``ssb curate``: from graded rollouts to aligned teacher/student pairs with a hinted robust solution.
+
+For each problem (in rollout order) with at least one correct and one wrong boxed answer among its untruncated
+rollouts: pick a correct rollout and a rollout of the most common wrong answer (ties broken by an RNG seeded
+with (curate.seed, problem id), the choice recorded), build the hinted teacher prompt, and generate the robust
+solution (n=1, seed from (curate.seed, id, 0)). It is kept only when it stops by itself with a correct boxed
+answer. Stops at ``curate.target_pairs`` or when the problems run out, and says which.
+
+Outputs under ``RUN_DIR/curate/``: ``teacher.jsonl`` and ``student.jsonl`` (line i of each is the same example),
+``decisions.jsonl`` (every generated solution and its verdict, the audit log and the resume point),
+``curation_stats.json`` (one status per problem; the counts add up to the number of problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ssb.config import SSBConfig, config_hash, save_config
+from ssb.engines import Engine, Sampling, derive_seed, make_engine
+from ssb.files import InputError, append_jsonl, atomic_write_json, atomic_write_jsonl, iter_jsonl
+from ssb.prompts import prompt_ids, student_messages, teacher_messages
+from ssb.rollout import PROBLEMS, ROLLOUTS, STATS, resume_prefix
+
+DECISIONS = "decisions.jsonl"
+STATE = "state.json"
+# Every problem ends in exactly one of these (kept problems beyond the target count as not_reached).
+STATUSES = (
+    "kept",
+    "no_correct",
+    "no_wrong",
+    "prompt_too_long",
+    "truncated",
+    "no_boxed_answer",
+    "robust_wrong",
+    "not_reached",
+)
+_ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
+
+
+def read_rollouts(rollout_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Problems (in order) and their rollouts, validated: errors name the file, line and field."""
+    for name in (PROBLEMS, ROLLOUTS, STATS):
+        if not (rollout_dir / name).exists():
+            raise FileNotFoundError(f"{rollout_dir / name}: missing; run `ssb rollout` (to completion) first")
+    problems = []
+    for line, rec in iter_jsonl(rollout_dir / PROBLEMS):
+        for key in ("id", "question", "answer"):
+            if not isinstance(rec.get(key), str):
+                raise InputError(f"{rollout_dir / PROBLEMS}:{line}: field {key!r} must be a string")
+        problems.append(rec)
+    by_id: dict[str, list[dict]] = {p["id"]: [] for p in problems}
+    for line, rec in iter_jsonl(rollout_dir / ROLLOUTS):
+        for key, tp in _ROLLOUT_FIELDS.items():
+            if not isinstance(rec.get(key), tp):
+                raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: field {key!r} must be {tp.__name__}")
+        if rec["id"] not in by_id:
+            raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: id {rec['id']!r} is not in {PROBLEMS}")
+        if rec.get("answer") is not None and not isinstance(rec["answer"], str):
+            raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: field 'answer' must be a string or null")
+        by_id[rec["id"]].append(rec)
+    return problems, by_id
+
+
+def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, dict | None]:
+    """Pick (correct, most-common-wrong) rollouts, or say why there is no pair.
+
+    Only untruncated rollouts count; a wrong one must have a boxed answer. Wrong answers are grouped with
+    ``answers_equal``; among the most frequent groups, and within groups, an RNG seeded by (seed, id) decides.
+    Returns (status, choice) with status "ok", "no_correct" or "no_wrong".
+    """
+    from ssb.grading import answers_equal
+
+    done = sorted((r for r in rollouts if r["finish_reason"] == "stop"), key=lambda r: r["sample"])
+    correct = [r for r in done if r["correct"]]
+    wrong = [r for r in done if not r["correct"] and r.get("answer") is not None]
+    if not correct:
+        return "no_correct", None
+    if not wrong:
+        return "no_wrong", None
+    groups: list[list[dict]] = []  # in order of first appearance
+    for r in wrong:
+        home = next((g for g in groups if answers_equal(r["answer"], g[0]["answer"])), None)
+        if home is None:
+            groups.append([r])
+        else:
+            home.append(r)
+    top = max(len(g) for g in groups)
+    tied = [g for g in groups if len(g) == top]
+    rng = random.Random(derive_seed(seed, problem_id, "pair"))
+    group = rng.choice(tied)
+    wrong_pick = rng.choice(group)
+    correct_pick = rng.choice(correct)
+    return "ok", {
+        "correct_sample": correct_pick["sample"],
+        "wrong_sample": wrong_pick["sample"],
+        "wrong_answer": wrong_pick["answer"],
+        "wrong_count": top,
+        "tied_answers": [g[0]["answer"] for g in tied],
+        "correct_text": correct_pick["text"],
+        "wrong_text": wrong_pick["text"],
+    }
+
+
+def judge_solution(text: str, finish_reason: str, gold: str) -> str:
+    """Verdict on a robust solution: kept, truncated, no_boxed_answer or robust_wrong."""
+    from ssb.grading import extract_answer, is_correct
+
+    if finish_reason == "length":
+        return "truncated"
+    if extract_answer(text) is None:
+        return "no_boxed_answer"
+    return "kept" if is_correct(text, gold) else "robust_wrong"
+
+
+def curate_sampling(cfg: SSBConfig) -> Sampling:
+    c = cfg.curate
+    return Sampling(
+        n=1, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, max_new_tokens=c.max_new_tokens, seed=c.seed
+    )
+
+
+def run_curation(
+    cfg: SSBConfig,
+    *,
+    engine: Engine | None = None,
+    resume: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Curate RUN_DIR/rollout into RUN_DIR/curate; return the stats dict (also written to curation_stats.json)."""
+    run_dir = Path(cfg.run_dir)
+    out_dir = run_dir / "curate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems, by_id = read_rollouts(run_dir / "rollout")
+    status: dict[str, str] = {}
+    candidates = []  # (problem, choice) for problems with a pair, in problem order
+    for p in problems:
+        verdict, choice = choose_pair(p["id"], by_id[p["id"]], cfg.curate.seed)
+        if verdict == "ok":
+            candidates.append((p, choice))
+        else:
+            status[p["id"]] = verdict
+
+    # Resume: decisions.jsonl holds one line per generated candidate, in candidate order, whole batches.
+    batch = max(1, cfg.engine.batch_size)
+    state = {"curate": config_hash(cfg.curate), "model": config_hash(cfg.model), "backend": cfg.engine.backend}
+    state["rollouts"] = _digest(run_dir / "rollout" / ROLLOUTS)
+    state["batch_size"] = batch
+    path = out_dir / DECISIONS
+    decisions: list[dict] = []
+    if resume and path.exists() and _read_json(out_dir / STATE) == state:
+        decisions = [r for _, r in iter_jsonl(path, tolerate_partial_tail=True)]
+    start = resume_prefix(decisions, [p["id"] for p, _ in candidates], 1, batch)
+    decisions = decisions[:start]
+    atomic_write_jsonl(path, decisions)
+    atomic_write_json(out_dir / STATE, state)
+
+    target = cfg.curate.target_pairs
+    kept = sum(d["status"] == "kept" for d in decisions)
+    sampling = curate_sampling(cfg)
+    owned = engine is None
+    bar = tqdm(total=len(candidates), initial=start, unit="problem", desc="curate", dynamic_ncols=True)
+    lo = start
+    try:
+        while lo < len(candidates) and kept < target:
+            if engine is None:
+                engine = make_engine(cfg.model, cfg.engine)
+            chunk = candidates[lo : lo + batch]
+            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len)
+            append_jsonl(path, new)
+            decisions.extend(new)
+            kept += sum(d["status"] == "kept" for d in new)
+            lo += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(kept=kept)
+            if on_batch is not None:
+                on_batch(lo // batch)
+    finally:
+        bar.close()
+        if owned and engine is not None:
+            engine.close()
+    return _finish(cfg, out_dir, problems, status, candidates, decisions)
+
+
+def _generate_batch(engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None) -> list[dict]:
+    """Robust solutions for one batch of candidates; one decision record per candidate."""
+    records: list[dict] = []
+    todo = []
+    for p, choice in chunk:
+        conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"])
+        rec = {"id": p["id"], "status": "", **{k: v for k, v in choice.items() if not k.endswith("_text")}}
+        records.append(rec)
+        if max_model_len is not None and len(prompt_ids(engine.tokenizer, conv)) >= max_model_len:
+            rec.update(status="prompt_too_long", solution=None)
+        else:
+            todo.append((rec, conv, p["answer"]))
+    outs = engine.generate([c for _, c, _ in todo], sampling, seed_keys=[r["id"] for r, _, _ in todo])
+    for (rec, _, gold), (comp,) in zip(todo, outs):
+        rec.update(
+            status=judge_solution(comp.text, comp.finish_reason, gold),
+            solution=comp.text,
+            finish_reason=comp.finish_reason,
+            num_tokens=comp.num_tokens,
+        )
+    return records
+
+
+def _finish(cfg: SSBConfig, out_dir: Path, problems, status, candidates, decisions) -> dict:
+    """Write teacher/student pairs (first ``target_pairs`` kept, in problem order) and the stats."""
+    target = cfg.curate.target_pairs
+    by_id = {d["id"]: d for d in decisions}
+    teacher, student = [], []
+    for p, choice in candidates:
+        d = by_id.get(p["id"])
+        if d is None or len(teacher) >= target:
+            status[p["id"]] = "not_reached"
+            continue
+        status[p["id"]] = d["status"]
+        if d["status"] != "kept":
+            continue
+        reply = {"role": "assistant", "content": d["solution"]}
+        teacher_conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"])
+        teacher.append({"id": p["id"], "messages": [*teacher_conv, reply], "answer": p["answer"]})
+        student.append({"id": p["id"], "messages": [*student_messages(p["question"]), reply], "answer": p["answer"]})
+    atomic_write_jsonl(out_dir / "teacher.jsonl", teacher)
+    atomic_write_jsonl(out_dir / "student.jsonl", student)
+    counts = {s: 0 for s in STATUSES}
+    for p in problems:
+        counts[status[p["id"]]] += 1
+    stats = {
+        "problems": len(problems),
+        "pairs": len(teacher),
+        "target_pairs": target,
+        "stop_reason": "target_reached" if len(teacher) >= target else "dataset_exhausted",
+        "candidates": len(candidates),
+        "generated": len(decisions),
+        "status_counts": counts,
+    }
+    atomic_write_json(out_dir / "curation_stats.json", stats)
+    return stats
+
+
+def _digest(path: Path) -> str:
+    from ssb.files import sha256_file
+
+    return sha256_file(path)[:16]
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_stage(cfg: SSBConfig, args: argparse.Namespace | None = None, *, engine: Engine | None = None) -> int:
+    """``ssb curate``: RUN_DIR/rollout -> RUN_DIR/curate/{teacher,student}.jsonl + curation_stats.json."""
+    out_dir = Path(cfg.run_dir) / "curate"
+    save_config(cfg, out_dir)
+    stats = run_curation(cfg, engine=engine, resume=getattr(args, "resume", True) is not False)
+    print(
+        f"[ssb curate] {stats['pairs']} pairs from {stats['problems']} problems ({stats['stop_reason']});"
+        f" statuses: {stats['status_counts']} -> {out_dir}",
+        file=sys.stderr,
+    )
+    return 0
