@@ -1,0 +1,57 @@
+"""``ssb train --dry-run``: the sequence search, and a real CPU run at toy size (probe processes, peak RSS)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssb.cli import main as ssb_main
+from ssb.train_dryrun import GRAIN, n_params, search
+
+
+@pytest.mark.parametrize("limit", [0, 256, 700, 3000, 8192])
+def test_search_finds_largest_fitting_length(limit):
+    calls = []
+
+    def fits(length):
+        calls.append(length)
+        return length <= limit
+
+    best = search(fits, max_len=8192)
+    assert best == min(8192, limit // GRAIN * GRAIN)
+    assert len(calls) <= 2 * 6  # doubling then bisection, never a linear scan
+
+
+def test_qwen25_3b_config_has_3b_parameters():
+    from transformers import AutoConfig
+
+    with open("configs/qwen2.5_3b_config.json") as f:
+        arch = AutoConfig.for_model(**json.load(f))
+    assert arch.tie_word_embeddings and arch.num_key_value_heads == 2
+    assert 3.0e9 < n_params(arch) < 3.2e9  # Qwen2.5-3B: 3.09B parameters (tied embeddings)
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_reports_fused_and_eager(tmp_path):
+    arch = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 4096,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    args = ["train", "--dry-run", f"run_dir={tmp_path}", "model.dtype=float32", "train.qlora=true"]
+    args += [f"train.dry_run_config={tmp_path / 'arch.json'}", "train.dry_run_mem_gib=64", "capture.k=16"]
+    assert ssb_main(args) == 0
+    report = json.loads((tmp_path / "train" / "dry_run.json").read_text())
+    assert report["device"] == "cpu" and "peak RSS" in report["measured"]
+    for name in ("fused", "eager"):
+        r = report["results"][name]
+        assert r["max_seq_len"] == 512  # a 64 GiB cap holds every length up to max_position_embeddings
+        assert set(r["probed"]) == {"256", "512"} and all(v > 0 for v in r["probed"].values())
