@@ -1,0 +1,137 @@
+"""One full training step (forward to hidden states, sparse KD loss, backward, AdamW step), fused vs eager loss.
+
+Run: ``pytest bench/test_bench_train.py [--quick]``. Providers share one random-weight student per shape and
+the same inputs (``ssb.train_dryrun.Prober``, the trainer's own model/loss path): ``fused`` is
+``loss_impl=auto`` (the chunked PyTorch path on CPU, Triton on CUDA), ``eager`` materialises the logits.
+Shapes: ``toy`` (the toy asset's size: hidden 256, 4 layers, 1,024-token vocabulary), ``toy-32k-vocab`` (the
+same body with a 32,768-token vocabulary, where the LM head starts to dominate), and on CUDA
+``qwen2.5-3b-qlora`` (configs/qwen2.5_3b_config.json, random weights, NF4 base). Figures (distilled
+tokens/s, step time, peak memory, hardware) go to ``bench/results/train.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+from ssb.config import load_config
+from ssb.files import atomic_write_json
+from ssb.train_dryrun import PROMPT, Prober
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "train.json")
+TOY = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+       "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096}  # fmt: skip
+SHAPES = {
+    # name: (architecture, sequence length, qlora, k)
+    "toy": ({**TOY, "model_type": "qwen2", "tie_word_embeddings": True}, 1024, False, 64),
+    "toy-32k-vocab": (
+        {**TOY, "vocab_size": 32768, "model_type": "qwen2", "tie_word_embeddings": True},
+        1024,
+        False,
+        64,
+    ),
+}
+GPU_SHAPES = {"qwen2.5-3b-qlora": ("configs/qwen2.5_3b_config.json", 4096, True, 64)}
+
+
+def _quick(request) -> bool:
+    try:
+        return bool(request.config.getoption("--quick"))
+    except ValueError:  # bench/conftest.py (with --quick) not present
+        return False
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)"
+
+
+def _record(name: str, info: dict) -> None:
+    data = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    data[name] = info
+    atomic_write_json(RESULTS, data)
+
+
+_PROBERS: dict[str, Prober] = {}
+
+
+def _prober(tmp_path_factory, shape: str, arch, qlora: bool, k: int, device: torch.device) -> Prober:
+    if shape not in _PROBERS:
+        if isinstance(arch, dict):
+            path = tmp_path_factory.mktemp("bench-train") / "arch.json"
+            path.write_text(json.dumps(arch))
+        else:
+            path = arch
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        cfg = load_config(None, [f"train.dry_run_config={path}", f"model.dtype={dtype}", f"train.qlora={qlora}",
+                                 f"capture.k={k}"])  # fmt: skip
+        _PROBERS.clear()  # one model alive at a time
+        _PROBERS[shape] = Prober(cfg, device)
+    return _PROBERS[shape]
+
+
+def _bench(benchmark, request, tmp_path_factory, shape, spec, impl, device) -> None:
+    arch, length, qlora, k = spec
+    quick = _quick(request)
+    if quick:
+        length //= 2
+    prober = _prober(tmp_path_factory, shape, arch, qlora, k, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    prober.step(length, impl)  # warm-up (Triton compile / allocator); reported separately
+    sync()
+    warmup_s = time.perf_counter() - t0
+    times: list[float] = []
+
+    def step():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        prober.step(length, impl)
+        sync()
+        times.append(time.perf_counter() - t)
+
+    benchmark.pedantic(step, rounds=2 if quick else 5, iterations=1)
+    med = statistics.median(times)
+    rows = length - PROMPT
+    info = {
+        "shape": shape,
+        "loss_impl": impl,
+        "seq_len": length,
+        "distilled_rows": rows,
+        "qlora": qlora,
+        "k": k,
+        "step_time_s": med,
+        "distilled_tokens_per_s": rows / med,
+        "warmup_s": warmup_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "hardware": _hardware(device),
+        "torch": torch.__version__,
+        "quick": quick,
+    }
+    benchmark.extra_info.update(info)
+    _record(f"{shape}/{'fused' if impl != 'eager' else 'eager'}/{device.type}", info)
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("impl", ["auto", "eager"], ids=["fused", "eager"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_train_step_cpu(benchmark, request, tmp_path_factory, shape, impl):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    _bench(benchmark, request, tmp_path_factory, shape, SHAPES[shape], impl, torch.device("cpu"))
+
+
+@pytest.mark.bench
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["auto", "eager"], ids=["fused", "eager"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_train_step_gpu(benchmark, request, tmp_path_factory, shape, impl):
+    _bench(benchmark, request, tmp_path_factory, shape, GPU_SHAPES[shape], impl, torch.device("cuda"))
