@@ -114,6 +114,7 @@ class TrainConfig:
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager
     dry_run_config: str = "configs/qwen2.5_3b_config.json"  # architecture for `ssb train --dry-run`
     dry_run_mem_gib: float = 24.0  # memory cap for the dry-run sequence search
+    optimizer: str = "adamw"  # adamw (torch; fused on CUDA) | paged_adamw_8bit (bitsandbytes, CUDA only)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -106,6 +107,28 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return f
 
 
+def make_optimizer(params: list, name: str, lr: float, weight_decay: float, device: torch.device):
+    """AdamW: torch's (fused kernel on CUDA), or bitsandbytes' paged 8-bit AdamW (CUDA only)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    if name == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ValueError("train.optimizer=paged_adamw_8bit needs a CUDA device; use adamw on CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer: expected adamw|paged_adamw_8bit, got {name!r}")
+
+
+def tensorboard_writer(out_dir: Path):
+    """A SummaryWriter under RUN_DIR/train/tb when tensorboard is installed, else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tb"))
+
+
 def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
     """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``."""
     from transformers import AutoTokenizer
@@ -149,9 +172,7 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     facts["trainable_params"] = sum(p.numel() for p in trainable)
     facts["world_size"] = world
-    optimizer = torch.optim.AdamW(
-        trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda"
-    )
+    optimizer = make_optimizer(trainable, tc.optimizer, tc.lr, tc.weight_decay, device)
     global_batch = tc.batch_size * tc.grad_accum * world
     total_steps = steps_for(len(examples), tc.epochs, global_batch, tc.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio, tc.schedule))
@@ -217,6 +238,7 @@ def train(
             f"({s.world} rank(s)), {s.facts}",
             file=sys.stderr,
         )
+    tb = tensorboard_writer(s.out_dir) if s.is_main else None
     bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", disable=not s.is_main, dynamic_ncols=True)
     stopped = False
     for step in range(s.start_step, s.total_steps):
@@ -288,6 +310,9 @@ def train(
         }
         if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
             append_jsonl(s.out_dir / "metrics.jsonl", [record])
+            if tb is not None:
+                for key, value in record.items():
+                    tb.add_scalar(f"train/{key}", value, step)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['distilled_tokens_per_s']:.0f}")
         bar.update(1)
 
@@ -309,6 +334,8 @@ def train(
             stopped = True
             break
     bar.close()
+    if tb is not None:
+        tb.close()
 
     # ---- final adapter (standard PEFT format) + resolved config
     adapter_dir = s.out_dir / "adapter"

@@ -164,7 +164,13 @@ def test_step0_losses_equal_full_logit_reference(world, tmp_path):
 def test_training_lowers_kd_loss(world, tmp_path, qlora):
     cfg = make_cfg(world["student"], tmp_path, max_steps=30, batch_size=4, qlora=qlora)
     adapter = train(cfg, tmp_path, examples=world["examples"][:8])
-    losses = [m["kd_loss"] for m in metrics(tmp_path)]
+    m = metrics(tmp_path)
+    keys = {"kd_loss", "ce_loss", "grad_norm", "lr", "distilled_tokens_per_s", "step_time_s", "peak_memory_mb"}
+    assert keys | {"completion_length", "teacher_topk_mass"} <= set(m[0])
+    assert 0 < m[0]["teacher_topk_mass"] <= 1 and m[0]["completion_length"] > 1
+    facts = json.loads((tmp_path / "train" / "train_facts.json").read_text())
+    assert facts["quantised_linear_layers" if qlora else "qlora"] == (14 if qlora else False)  # 7 per layer
+    losses = [r["kd_loss"] for r in m]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     # the first epoch (steps 0-1) vs the last epoch (steps 28-29) over the same 8 examples
     assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
