@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, _ = STAGES[args.stage]
+    if args.stage == "demo" and args.config is None:
+        from ssb.demo import DEFAULT_CONFIG
+
+        args.config = DEFAULT_CONFIG
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -1,0 +1,203 @@
+"""``ssb demo``: the whole pipeline on the embedded toy model, plus an SFT control and a report.
+
+Stages (resumable, recorded in ``RUN_DIR/run.json``): rollout -> curate -> capture -> train (SSB: KD on the
+stored teacher) -> train_sft (the control: same pairs, same LoRA, cross-entropy on the teacher's solution
+tokens instead of the KD loss) -> eval (base, SSB and SFT students on the held-out toy test split, one
+engine) -> report (``report.json``, ``report.md``, ``report.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+from pathlib import Path
+
+from ssb.config import SSBConfig, load_config
+from ssb.files import atomic_write_json, atomic_write_text, iter_jsonl
+from ssb.pipeline import STAGES, Stage, StageFailed, load_manifest, run_pipeline
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+QWEN_VOCAB = 151936  # dense float32 logits of Qwen2.5 cost 4 * 151936 bytes per distilled token
+RUNS = ("base", "ssb", "sft")
+
+
+def sft_config(cfg: SSBConfig) -> SSBConfig:
+    """The SFT control: the SSB training config with CE on the solution tokens instead of KD."""
+    train = dataclasses.replace(cfg.train, kd_weight=0.0, ce_weight=1.0, output_subdir="train_sft")
+    return dataclasses.replace(cfg, train=train)
+
+
+def _train_sft(cfg: SSBConfig) -> int:
+    from ssb.trainer import train
+
+    train(sft_config(cfg), cfg.run_dir)
+    return 0
+
+
+def _eval_all(cfg: SSBConfig) -> int:
+    """Base, SSB and SFT on the eval benchmarks, sharing one LoRA-enabled engine."""
+    from ssb.engines import adapter_rank, make_engine
+    from ssb.eval import evaluate
+
+    run_dir = Path(cfg.run_dir)
+    adapters = {"base": None, "ssb": run_dir / "train" / "adapter", "sft": run_dir / "train_sft" / "adapter"}
+    rank = max(adapter_rank(str(a)) for a in adapters.values() if a is not None)
+    engine = make_engine(cfg.model, cfg.engine, enable_lora=True, max_lora_rank=rank)
+    try:
+        for label, adapter in adapters.items():
+            evaluate(
+                cfg.model, cfg.engine, cfg.eval, run_dir / "eval" / label, adapter=adapter, label=label, engine=engine
+            )
+    finally:
+        engine.close()
+    return 0
+
+
+def demo_plan() -> list[Stage]:
+    by_name = {s.name: s for s in STAGES}
+    return [
+        *(by_name[n] for n in ("rollout", "curate", "capture", "train")),
+        Stage("train_sft", (), _train_sft),
+        Stage("eval", ("eval",), _eval_all),
+    ]
+
+
+def _hinted_pass1(run_dir: Path) -> tuple[float | None, int]:
+    """Share of hinted robust solutions that came out correct (the teacher's ceiling on curated problems)."""
+    path = run_dir / "curate" / "decisions.jsonl"
+    statuses = [rec.get("status") for _, rec in iter_jsonl(path)] if path.exists() else []
+    return (sum(s == "kept" for s in statuses) / len(statuses) if statuses else None), len(statuses)
+
+
+def _last_metric(path: Path, key: str) -> float | None:
+    values = [rec[key] for _, rec in iter_jsonl(path) if key in rec] if path.exists() else []
+    return values[-1] if values else None
+
+
+def _mean_metric(path: Path, key: str) -> float | None:
+    values = [rec[key] for _, rec in iter_jsonl(path) if key in rec] if path.exists() else []
+    return sum(values) / len(values) if values else None
+
+
+def build_report(cfg: SSBConfig) -> dict:
+    """Collect the figures of a finished demo run into ``report.json`` / ``report.md`` / ``report.png``."""
+    from ssb.eval_report import markdown_table, plot_runs
+    from ssb.eval_stats import compare, load_results
+    from ssb.store import TeacherStore, store_dir, summarize
+
+    run_dir = Path(cfg.run_dir)
+    results = {label: load_results(run_dir / "eval" / label / "results.json") for label in RUNS}
+    bench = cfg.eval.benchmarks[0]
+
+    def pass1(label: str) -> dict:
+        return results[label]["benchmarks"][bench]["aggregates"]["pass@k"]["1"]
+
+    store = summarize(TeacherStore(store_dir(run_dir)))
+    curation = json.loads((run_dir / "curate" / "curation_stats.json").read_text())
+    rollout_stats_path = run_dir / "rollout" / "stats.json"
+    rollout_stats = json.loads(rollout_stats_path.read_text()) if rollout_stats_path.exists() else {}
+    hinted, hinted_n = _hinted_pass1(run_dir)
+    stages = load_manifest(run_dir)["stages"]
+    report = {
+        "benchmark": bench,
+        "protocol": results["base"]["protocol"],
+        "base_pass1": pass1("base")["value"],
+        "ssb_pass1": pass1("ssb")["value"],
+        "sft_pass1": pass1("sft")["value"],
+        "ci95": {label: pass1(label)["ci"] for label in RUNS},
+        "hinted_pass1": hinted,
+        "hinted_attempts": hinted_n,
+        "pairs": curation["pairs"],
+        "curation": curation,
+        "ssb_vs_base": compare(results["base"], results["ssb"]),
+        "ssb_vs_sft": compare(results["sft"], results["ssb"]),
+        "store_bytes_per_row": store["bytes_per_row"],
+        "dense_bytes_per_row": store["dense_fp32_bytes_per_row"],
+        "dense_bytes_per_row_qwen": 4 * QWEN_VOCAB,
+        "store": store,
+        "stage_seconds": {name: rec.get("seconds") for name, rec in stages.items()},
+        "tokens_per_s": {
+            "rollout": rollout_stats.get("generated_tokens_per_s"),
+            "train_ssb": _mean_metric(run_dir / "train" / "metrics.jsonl", "distilled_tokens_per_s"),
+            "train_sft": _mean_metric(run_dir / "train_sft" / "metrics.jsonl", "distilled_tokens_per_s"),
+        },
+        "train_peak_memory_mb": _last_metric(run_dir / "train" / "metrics.jsonl", "peak_memory_mb"),
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seed": cfg.seed,
+    }
+    runs = [results[label] for label in RUNS]
+    chart = plot_runs(runs, run_dir / "report.png")
+    md = render_markdown(report, markdown_table(runs))
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", md)
+    report["chart"] = str(chart)
+    return report
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(r: dict, eval_table: str) -> str:
+    lo = {k: f"[{_pct(v[0])}, {_pct(v[1])}]" for k, v in r["ci95"].items()}
+    cmp = r["ssb_vs_base"]
+    lines = [
+        f"# SSB demo report (seed {r['seed']}, benchmark {r['benchmark']}, protocol {r['protocol']['name']})",
+        "",
+        "| model | pass@1 | 95% CI |",
+        "|---|---|---|",
+        f"| base student (bare question) | {_pct(r['base_pass1'])} | {lo['base']} |",
+        f"| SSB student (KD on hinted teacher) | {_pct(r['ssb_pass1'])} | {lo['ssb']} |",
+        f"| SFT control (CE on the same solutions) | {_pct(r['sft_pass1'])} | {lo['sft']} |",
+        f"| hinted teacher (ceiling, curated problems, n={r['hinted_attempts']}) | {_pct(r['hinted_pass1'])} | |",
+        "",
+        f"SSB vs base, paired over problems: {_paired(cmp, r['benchmark'])}",
+        f"SSB vs SFT, paired over problems: {_paired(r['ssb_vs_sft'], r['benchmark'])}",
+        "",
+        f"Pairs curated: {r['pairs']} ({r['curation'].get('stop_reason')}). Teacher store: "
+        f"{r['store_bytes_per_row']:.0f} bytes/row vs {r['dense_bytes_per_row']} dense float32 at this vocabulary "
+        f"({r['dense_bytes_per_row_qwen']} at Qwen2.5's 151,936).",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {k} | {v:.1f} |" for k, v in r["stage_seconds"].items() if v is not None),
+        "",
+        f"Tokens/s: {json.dumps({k: round(v, 1) for k, v in r['tokens_per_s'].items() if v is not None})}; "
+        f"train peak memory {r['train_peak_memory_mb']} MB; process max RSS {r['process_max_rss_mb']:.0f} MB.",
+        "",
+        "## Evaluation detail",
+        "",
+        eval_table,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _paired(cmp: dict, bench: str) -> str:
+    t = cmp["benchmarks"][bench]
+    lo, hi = t["diff_ci"]
+    return (
+        f"difference {100 * t['diff']:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}), "
+        f"p_bootstrap={t['p_bootstrap']:.3g}; {t['wins']} problems better, {t['losses']} worse, "
+        f"{t['ties']} tied; sign test p={t['p_sign']:.3g}"
+    )
+
+
+def demo(cfg: SSBConfig, args: argparse.Namespace) -> int:
+    if getattr(args, "out", None):
+        cfg = dataclasses.replace(cfg, run_dir=str(args.out))
+    try:
+        run_pipeline(cfg, from_stage=getattr(args, "from_stage", None), plan=demo_plan())
+    except StageFailed as e:
+        print(f"ssb demo: {e}", file=sys.stderr)
+        return 1
+    report = build_report(cfg)
+    print((Path(cfg.run_dir) / "report.md").read_text())
+    print(f"ssb demo: report in {cfg.run_dir}/report.json, chart {report['chart']}")
+    return 0
+
+
+def default_config(overrides: list[str]) -> SSBConfig:
+    return load_config(DEFAULT_CONFIG, overrides)
