@@ -223,23 +223,23 @@ def evaluate_problems(
 
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc, unit="problem", file=sys.stderr)
     engine = engine_factory() if todo else None
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        convs = [protocol.messages(p.question) for _, p in batch]
-        # seeds keyed by problem id: a resumed or re-batched eval draws exactly the same samples
-        outs = engine.generate(
-            convs, sampling, lora=adapter, seed_keys=[f"{spec['benchmark']}/{p.id}" for _, p in batch]
-        )
-        if len(outs) != len(batch) or any(len(o) != protocol.n for o in outs):
-            raise RuntimeError(
-                f"engine returned {[len(o) for o in outs]} completions for {len(batch)} x n={protocol.n}"
-            )
-        fut = pool.submit(grade_batch, [([c.text for c in comps], p.answer) for (_, p), comps in zip(batch, outs)])
-        pending.append((fut, batch, outs))
-        flush(wait=False)  # write whatever the graders finished; never wait here
-        bar.update(len(batch))
-    flush(wait=True)
-    bar.close()
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            convs = [protocol.messages(p.question) for _, p in batch]
+            # seeds keyed by problem id: a resumed or re-batched eval draws exactly the same samples
+            keys = [f"{spec['benchmark']}/{p.id}" for _, p in batch]
+            outs = engine.generate(convs, sampling, lora=adapter, seed_keys=keys)
+            if len(outs) != len(batch) or any(len(o) != protocol.n for o in outs):
+                got = [len(o) for o in outs]
+                raise RuntimeError(f"engine returned {got} completions for {len(batch)} prompts x n={protocol.n}")
+            items = [([c.text for c in comps], p.answer) for (_, p), comps in zip(batch, outs)]
+            pending.append((pool.submit(grade_batch, items), batch, outs))
+            flush(wait=False)  # write whatever the graders finished; never wait here
+            bar.update(len(batch))
+    finally:
+        flush(wait=True)  # also on interruption: generated batches are graded and kept for the resume
+        bar.close()
     return [done[i] for i in ids]
 
 
