@@ -5,8 +5,6 @@ Capture correctness does not need a trained model: a seeded random one has peake
 
 import json
 import random
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -268,10 +266,18 @@ def test_killed_capture_resumes_to_identical_shards(tiny_model_dir, hf_store, tm
     assert calls == []
 
 
-def test_inspect_cli(hf_store):
-    run_dir, _ = hf_store
-    out = subprocess.run([sys.executable, "-m", "ssb", "capture", "--inspect", str(run_dir / "capture")],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+def test_cli_capture_and_inspect(tiny_model_dir, hf_store, capsys):
+    """``ssb capture`` on a finished run is a no-op that still saves its config; ``--inspect`` prints the summary."""
+    from ssb.cli import main
+
+    run_dir, manifest = hf_store
+    over = [f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"capture.k={K}",
+            "capture.temperatures=[1.0,2.0]", "capture.token_budget=700", "capture.shard_examples=3"]  # fmt: skip
+    assert main(["capture", *over]) == 0
+    assert "complete and up to date" in capsys.readouterr().err and (run_dir / "capture" / "config.yaml").exists()
+    assert json.loads((run_dir / "capture" / "manifest.json").read_text())["shards"] == manifest["shards"]
+    assert main(["capture", "--inspect", str(run_dir / "capture")]) == 0
+    out = capsys.readouterr().out
     assert f"examples {N_EXAMPLES}" in out and "bytes/row" in out and "reply tokens inside the top-k" in out
 
 
