@@ -95,12 +95,19 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def reply_ids(tokenizer, reply: str) -> list[int]:
-    """Token ids of an assistant reply, always ending with exactly one end-of-turn token."""
-    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    """Token ids of an assistant reply, always ending with exactly one end-of-turn token.
+
+    End-of-turn markers already at the end of ``reply`` (raw chat text such as ``...<|im_end|>\n``) are dropped
+    before the one appended here; one inside the text is an error (the model would learn to stop mid-reply).
+    """
     eot = end_of_turn_id(tokenizer)
-    while ids and ids[-1] == eot:
-        ids = ids[:-1]
-    return list(ids) + [eot]
+    eot_text = tokenizer.convert_ids_to_tokens(eot)
+    while reply.rstrip().endswith(eot_text):
+        reply = reply.rstrip()[: -len(eot_text)]
+    ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"])
+    if eot in ids:
+        raise ValueError(f"reply contains the end-of-turn token {eot_text!r} before its end: {reply[:80]!r}...")
+    return ids + [eot]
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
