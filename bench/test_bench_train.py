@@ -6,7 +6,7 @@ the same inputs (``ssb.train_dryrun.Prober``, the trainer's own model/loss path)
 Shapes: ``toy`` (the toy asset's size: hidden 256, 4 layers, 1,024-token vocabulary), ``toy-32k-vocab`` (the
 same body with a 32,768-token vocabulary, where the LM head starts to dominate), and on CUDA
 ``qwen2.5-3b-qlora`` (configs/qwen2.5_3b_config.json, random weights, NF4 base). Figures (distilled
-tokens/s, step time, peak memory, hardware) go to ``bench/results/train.json``.
+tokens/s from the best of N steps, median step time too, peak memory, hardware) go to ``bench/results/train.json``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def _bench(benchmark, request, tmp_path_factory, shape, spec, impl, device) -> N
         times.append(time.perf_counter() - t)
 
     benchmark.pedantic(step, rounds=2 if quick else 5, iterations=1)
-    med = statistics.median(times)
+    # best-of-N: on a shared CPU the median mostly measures the neighbours' load; both are recorded
+    best, med = min(times), statistics.median(times)
     rows = length - PROMPT
     info = {
         "shape": shape,
@@ -108,8 +109,9 @@ def _bench(benchmark, request, tmp_path_factory, shape, spec, impl, device) -> N
         "distilled_rows": rows,
         "qlora": qlora,
         "k": k,
-        "step_time_s": med,
-        "distilled_tokens_per_s": rows / med,
+        "step_time_s": best,
+        "step_time_median_s": med,
+        "distilled_tokens_per_s": rows / best,
         "warmup_s": warmup_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "hardware": _hardware(device),

@@ -152,9 +152,6 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     """Model, adapters, optimizer, schedule, data and (with ``resume``) the latest checkpoint's state."""
     tc = cfg.train
     rank, world, device = init_distributed()
-    seed = tc.seed + rank  # RNG streams differ per rank; the data order does not depend on it
-    random.seed(seed)
-    torch.manual_seed(seed)
     out_dir = run_dir / "train"
     if examples is None:
         examples = load_examples(cfg, run_dir)
@@ -164,6 +161,8 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     base, facts = build_base(cfg.model, tc, device)
     peft_model = attach_lora(base, tc)
     peft_model.train()
+    random.seed(tc.seed + rank)  # per-rank RNG streams (dropout) from here on; the data order is rank-free
+    torch.manual_seed(tc.seed + rank)
     body: torch.nn.Module = StudentBody(peft_model)
     if world > 1:
         body = torch.nn.parallel.DistributedDataParallel(
