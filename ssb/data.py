@@ -39,7 +39,7 @@ DEFAULT_FIELDS = {
     "id": ("id", "unique_id", "ID"),
 }
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-TOY_SIZES = {"train": 256, "test": 100}  # default number of toy problems per split (``limit`` takes a prefix)
+TOY_SIZES = {"train": 1000, "test": 500}  # toy problems per split without ``limit`` (any limit is a prefix)
 
 
 @dataclass(frozen=True)
@@ -228,15 +228,15 @@ def _dataset_rows(source: str, split: str | None, subset: str | None, spec: HubS
     yield from _table_rows(ds, f"{source}[{split}]", f"{tag}/{split}/")
 
 
-def _toy_rows(split: str | None) -> Iterator[Row]:
+def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
+    split = split or "test"
+    if split not in TOY_SIZES:
+        raise InputError(f"toy: no split {split!r} (has {sorted(TOY_SIZES)})")
     try:
         from ssb import toy
     except ImportError as e:
         raise RuntimeError("source 'toy' needs ssb.toy (the toy world), which is not available") from e
-    split = split or "test"
-    if split not in TOY_SIZES:
-        raise InputError(f"toy: no split {split!r} (has {sorted(TOY_SIZES)})")
-    for i, p in enumerate(toy.problems(split, TOY_SIZES[split], seed=0)):
+    for i, p in enumerate(toy.problems(split, TOY_SIZES[split] if limit is None else limit, seed=0)):
         rec = dict(toy.gsm8k_record(p), traps=list(getattr(p, "traps", ())))
         yield f"toy[{split}] row {i}", f"toy/{split}/{i}", rec, None
 
@@ -250,11 +250,13 @@ def _mirror(path: str) -> Path | None:
     return Path(root) / path if root and (Path(root) / path).is_dir() else None
 
 
-def _rows(source: str, split: str | None, subset: str | None) -> tuple[Iterator[Row], HubSpec | None, str]:
+def _rows(
+    source: str, split: str | None, subset: str | None, limit: int | None
+) -> tuple[Iterator[Row], HubSpec | None, str]:
     """The row stream of ``source``, its hub spec (if a known benchmark) and the name problems are tagged with."""
     key = source.lower()
     if key == "toy":
-        return _toy_rows(split), None, "toy"
+        return _toy_rows(split, limit), None, "toy"
     name = key if key in HUB else _BY_PATH.get(key)
     spec = HUB.get(name) if name else None
     path = Path(source).expanduser()
@@ -293,7 +295,7 @@ def load_problems(
     if limit is not None and limit < 0:
         raise ValueError(f"load_problems: limit must be >= 0, got {limit}")
     source = str(source)
-    rows, spec, tag = _rows(source, split, subset)
+    rows, spec, tag = _rows(source, split, subset, limit)
     fields: dict[str, str | None] = {k: field_map.get(k) for k in FIELD_KEYS}
     if spec is not None:
         fields = {"question": spec.question, "answer": spec.answer, "id": spec.id} | {

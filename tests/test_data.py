@@ -162,6 +162,7 @@ def test_toy_source_matches_its_split_files(tmp_path):
     in_memory = load_problems("toy", "test", limit=4)
     assert [(p.question, p.answer) for p in in_memory] == [(p.question, p.answer) for p in from_files]
     assert in_memory[0].id == "toy/test/0" and all(p.answer.lstrip("-").isdigit() for p in in_memory)
+    assert len(load_problems("toy", "train", limit=1500)) == 1500  # a limit beyond the default size is honoured
 
 
 # --------------------------------------------------------------------------------------------------
