@@ -181,6 +181,11 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     if ckpt is not None:
         state = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank=rank)
         start_step = int(state["step"])
+        if state.get("global_batch", global_batch) != global_batch:
+            raise ValueError(
+                f"{ckpt}/state.json: saved with global batch {state['global_batch']}, now {global_batch} "
+                "(batch_size x grad_accum x ranks): the data position would not match; resume with the same batch"
+            )
         if rank == 0 and (out_dir / "metrics.jsonl").is_file():  # drop log lines the resumed run will redo
             kept = [
                 r for r in read_jsonl(out_dir / "metrics.jsonl", tolerate_partial_tail=True) if r["step"] < start_step
