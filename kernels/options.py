@@ -1,0 +1,146 @@
+"""Options (one frozen dataclass per op) and input validation shared by every implementation.
+
+Everything here runs before any kernel launch: a bad input raises ValueError naming what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+IMPLS = ("auto", "eager", "chunked", "triton")
+VARIANTS = ("tail", "renorm")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """How `sparse_kd_loss` reduces and scales (SPEC sections 2-3); travels into the autograd Function."""
+
+    temperature: float = 1.0
+    variant: str = "tail"  # "tail" | "renorm"
+    reduction: str = "mean"  # "mean" | "sum" | "none"
+    chunk_size: int = 4096  # vocabulary columns per streamed chunk (chunked path)
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be a finite float > 0, got {t!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class TopkOptions:
+    """What `topk_logprobs` returns: the k largest T=1 log-probs and c_T for each temperature."""
+
+    k: int
+    temperatures: tuple[float, ...] = (1.0,)
+    chunk_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if len(self.temperatures) == 0:
+            raise ValueError("temperatures must name at least one temperature")
+        for t in self.temperatures:
+            if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise ValueError(f"every temperature must be a finite float > 0, got {t!r}")
+
+
+def check_impl(impl: str, device: torch.device) -> str:
+    """Resolve ``impl`` ("auto" -> triton on CUDA, chunked elsewhere)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    return impl
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, *, finite: bool) -> None:
+    """hidden (N, H) and weight (V, H): float, same device, matching H."""
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() != 2 or weight.dim() != 2:
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {shapes}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, H={hidden.shape[1]}) and weight (V, H={weight.shape[1]}) disagree on H")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one vocabulary row")
+    if finite:
+        _check_finite("hidden", hidden)
+        _check_finite("weight", weight)
+
+
+def check_kd_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    lse_t: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    finite: bool,
+) -> None:
+    """Validate `sparse_kd_loss` inputs (SPEC section 4). ``finite`` also scans for NaN/inf (eager/chunked)."""
+    check_head(hidden, weight, finite=finite)
+    n, v = hidden.shape[0], weight.shape[0]
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be an int32/int64 tensor, got {getattr(topk_ids, 'dtype', type(topk_ids))}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n:
+        raise ValueError(f"topk_ids must be (N={n}, k), got {tuple(topk_ids.shape)}")
+    _check_float("topk_logprobs", topk_logprobs)
+    if topk_logprobs.shape != topk_ids.shape:
+        raise ValueError(f"topk_logprobs must match topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_logprobs.shape)}")
+    k = topk_ids.shape[1]
+    if k < 1 or k > v:
+        raise ValueError(f"k must be in [1, V={v}], got {k}")
+    tensors = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
+    if lse_t is not None:
+        _check_float("lse_t", lse_t)
+        if lse_t.shape != (n,):
+            raise ValueError(f"lse_t must be (N={n},), got {tuple(lse_t.shape)}")
+        tensors["lse_t"] = lse_t
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != (n,):
+            raise ValueError(f"mask must be a (N={n},) tensor, got {getattr(mask, 'shape', type(mask))}")
+        tensors["mask"] = mask
+    for name, x in tensors.items():
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if n and k:
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < -1 or hi >= v:
+            raise ValueError(f"topk_ids must lie in [0, V={v}) or be -1 (padding); found range [{lo}, {hi}]")
+        valid = topk_ids >= 0
+        if finite:
+            _check_finite("topk_logprobs (at valid ids)", topk_logprobs[valid])
+            if bool((topk_logprobs[valid] > 1e-3).any()):
+                raise ValueError("topk_logprobs must be log-probabilities (<= 0) at valid ids")
+            if lse_t is not None:
+                _check_finite("lse_t", lse_t)
+        # duplicate valid ids would double-count a token: sort each row and compare neighbours (O(N k log k))
+        s = torch.sort(topk_ids.long(), dim=1).values
+        if k > 1 and bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any()):
+            raise ValueError("topk_ids holds a duplicate valid id in some row (only -1 padding may repeat)")

@@ -1,0 +1,132 @@
+"""Eager reference: SPEC.md sections 1-3 written out on full logits (tests and benchmarks only).
+
+This file is the spec in code. It materialises the (N, V) logits, so it is only for small shapes, for
+tests (run in float64 it is the ground-truth oracle) and as the benchmark baseline. Gradients come from
+plain autograd, so they check the hand-derived gradients of the chunked and Triton paths independently.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import KDOptions, TopkOptions
+
+
+def math_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """fp32 for every float input dtype, fp64 if any input is fp64 (the oracle)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, -inf for x >= 0, stable at both ends and with NaN-free gradients.
+
+    Uses log(-expm1(x)) near 0 and log1p(-exp(x)) far from it (Maechler 2012,
+    https://cran.r-project.org/web/packages/Rmpfr/vignettes/log1mexp-note.pdf).
+    """
+    neg = x < 0
+    xs = torch.where(neg, x, torch.full_like(x, -1.0))  # safe branch input: no inf/NaN gradients leak
+    near = xs > -0.6931471805599453
+    out = torch.where(near, torch.log(-torch.expm1(torch.where(near, xs, -1.0))), torch.log1p(-torch.exp(xs)))
+    return torch.where(neg, out, torch.full_like(x, float("-inf")))
+
+
+def derive_lse_t(
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float, vocab_size: int
+) -> torch.Tensor:
+    """c_T ~= LSE(l_K / T, log(1 - sum_K exp l) / T): the teacher tail treated as one token (SPEC section 1).
+
+    A row whose K covers the whole vocabulary has no tail (its rounding residue is not a token).
+
+    Shape:
+        topk_ids (N, k), topk_logprobs (N, k) -> (N,) in the dtype of topk_logprobs' math (fp32/fp64)
+    """
+    dt = math_dtype(topk_logprobs)
+    valid = topk_ids >= 0
+    l = topk_logprobs.to(dt).masked_fill(~valid, float("-inf"))  # (N, k)
+    log_tail = log1mexp(torch.logsumexp(l, -1).clamp(max=0.0))  # (N,) log of the teacher's tail mass at T=1
+    log_tail = log_tail.masked_fill(valid.sum(-1) >= vocab_size, float("-inf"))
+    return torch.logsumexp(torch.cat([l, log_tail[:, None]], -1) / temperature, -1)
+
+
+def row_losses_from_logp(
+    lp_k: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor, variant: str, vocab_size: int
+) -> torch.Tensor:
+    """Per-row SPEC section 2 loss from the student's log p on K and the teacher's log q on K.
+
+    When K covers the whole vocabulary, q_t = p_t = 0 exactly (their computed values are rounding residue).
+
+    Shape:
+        lp_k (N, k), logq (N, k), valid (N, k) bool -> (N,)
+    """
+    ninf = torch.full_like(logq, float("-inf"))
+    logq_m = torch.where(valid, logq, ninf)
+    log_qk = torch.logsumexp(logq_m, -1)  # (N,) log Q_K
+    if variant == "renorm":
+        logqn = torch.where(valid, logq - log_qk[:, None], torch.zeros_like(logq))
+        lp_safe = torch.where(valid, lp_k, torch.zeros_like(lp_k))
+        return torch.where(valid, logqn.exp() * (logqn - lp_safe), torch.zeros_like(logq)).sum(-1)
+    q = torch.where(valid, logq, ninf).exp()
+    lp_safe = torch.where(valid, lp_k, torch.zeros_like(lp_k))
+    loss_k = torch.where(valid, q * (torch.where(valid, logq, 0.0) - lp_safe), torch.zeros_like(logq)).sum(-1)
+    log_qt = log1mexp(log_qk)  # (N,) log q_t, computed in log space
+    log_pt = log1mexp(torch.logsumexp(torch.where(valid, lp_k, ninf), -1))  # (N,) log p_t
+    has_tail = (log_qt > float("-inf")) & (valid.sum(-1) < vocab_size)  # 0 log 0 = 0: no tail, no tail term
+    qt = torch.where(has_tail, log_qt, 0.0).exp()
+    tail = torch.where(has_tail, qt * (torch.where(has_tail, log_qt, 0.0) - torch.where(has_tail, log_pt, 0.0)), 0.0)
+    return loss_k + tail
+
+
+def reduce_rows(loss: torch.Tensor, row_valid: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """SPEC section 3: T^2 scaling; mean over valid rows (0 when none), sum, or per row."""
+    loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * opts.temperature**2
+    if opts.reduction == "none":
+        return loss
+    if opts.reduction == "sum":
+        return loss.sum()
+    return loss.sum() / row_valid.sum().clamp(min=1)
+
+
+def sparse_kd_eager(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    lse_t: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    opts: KDOptions,
+) -> torch.Tensor:
+    """Sparse top-k KD on full logits. Differentiable by autograd wrt hidden and weight.
+
+    Shape:
+        hidden (N, H), weight (V, H), topk_ids (N, k), topk_logprobs (N, k), lse_t (N,), mask (N,)
+        -> () for mean/sum, (N,) for none
+    """
+    dt = math_dtype(hidden, weight)
+    T = opts.temperature
+    logp = torch.log_softmax((hidden.to(dt) @ weight.to(dt).t()) / T, -1)  # (N, V) student log p at T
+    valid = topk_ids >= 0
+    if mask is not None:
+        valid = valid & mask.bool()[:, None]
+    lp_k = logp.gather(1, topk_ids.long().clamp(min=0))  # (N, k)
+    v = weight.shape[0]
+    c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
+    logq = topk_logprobs.to(dt) / T - c.to(dt)[:, None]  # (N, k) log q_j = l_j / T - c_T
+    loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v)
+    return reduce_rows(loss, valid.any(-1), opts)
+
+
+def topk_logprobs_eager(
+    hidden: torch.Tensor, weight: torch.Tensor, opts: TopkOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k full-vocabulary log-probs at T=1 and c_T = LSE_v(l_v / T) per temperature, on full logits.
+
+    Shape:
+        hidden (N, H), weight (V, H) -> ids (N, k) int64, logprobs (N, k) fp32, lse_t (N, len(temperatures)) fp32
+    """
+    dt = math_dtype(hidden, weight)
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden.to(dt) @ weight.to(dt).t(), -1)  # (N, V) at T = 1
+        vals, ids = logp.topk(opts.k, -1)  # sorted descending
+        lse = torch.stack([torch.logsumexp(logp / t, -1) for t in opts.temperatures], -1)
+    out_dt = torch.float64 if dt == torch.float64 else torch.float32
+    return ids, vals.to(out_dt), lse.to(out_dt)

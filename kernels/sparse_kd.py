@@ -1,0 +1,48 @@
+"""Public sparse top-k KD loss: LM head x temperature KL against a sparse teacher (SPEC.md sections 1-4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .options import KDOptions, check_impl, check_kd_inputs
+
+
+def sparse_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    lse_t: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    variant: str = "tail",
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Sparse top-k distillation loss of the student logits ``hidden @ weight.T`` (never materialised
+    except by ``impl="eager"``) against teacher log-probs on up to k ids per row.
+
+    ``variant``: "tail" (teacher tail mass kept as one outcome) or "renorm"; ``reduction``: "mean" over
+    valid rows, "sum", or "none"; all T^2-scaled. ``lse_t`` is the teacher's c_T (None: derived from the
+    top-k, SPEC section 1). ``impl``: "auto" (Triton on CUDA, chunked on CPU), "eager", "chunked", "triton".
+    Gradients flow to ``hidden``, and to ``weight`` only when it requires grad.
+
+    Shape:
+        hidden (N, H), weight (V, H), topk_ids (N, k) int32/int64 with -1 padding, topk_logprobs (N, k),
+        lse_t (N,), mask (N,) bool -> () for mean/sum, (N,) for none; fp32 (fp64 if an input is fp64)
+    """
+    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction)
+    impl = check_impl(impl, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    check_kd_inputs(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, finite=impl != "triton")
+    if impl == "eager":
+        from .reference import sparse_kd_eager
+
+        return sparse_kd_eager(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
+    if impl == "chunked":
+        from .chunked import sparse_kd_chunked
+
+        return sparse_kd_chunked(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
+    from .triton_sparse_kd import sparse_kd_triton
+
+    return sparse_kd_triton(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
