@@ -30,5 +30,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --quick
 
+# Compare bench/results/ with bench/baselines/<this device>.json (save one with `bench/check.py --save`).
+bench-check: $(STAMP)
+	$(BIN)/python bench/check.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

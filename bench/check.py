@@ -1,0 +1,205 @@
+"""Regression check: compare a results set with a saved baseline; exit 1 when a tracked figure worsened.
+
+    python bench/check.py --save                      # bench/results/*.json -> bench/baselines/<device>.json
+    python bench/check.py                             # compare bench/results/ with this machine's baseline
+    python bench/check.py --baseline B.json --results R.json --time-margin 0.2 --memory-margin 0.05 --dedicated
+
+Tracked figures are chosen by name (``figures`` of each entry, see bench/common.py):
+  memory      ``*memory*``, ``*_bytes``, ``*_mib``, ``*_gib``, ``bytes_per_*``     lower is better, always gated
+  throughput  ``*_per_s``                                                          higher is better, time class
+  time        ``*_s``, ``*_ms`` (not ``warmup_s``/``startup_s``/``compile_s``)     lower is better, time class
+The time class is gated only on a dedicated device: entries measured on CUDA (a lent GPU machine runs one
+job), or every entry with ``--dedicated``; on a shared CPU time figures are reported, not gated
+(``--no-time`` never gates them). A change is "worse by x" when new/base - 1 = x (lower-is-better) or
+base/new - 1 = x (throughput), so both directions use the same margin. Entries are compared only when
+their ``params`` and ``--quick`` flag match; the rest are listed as not comparable. Exit codes: 0 pass,
+1 regression, 2 bad input (missing/malformed files, nothing comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+UNGATED = ("warmup_s", "startup_s", "compile_s", "*_median_s")  # start-up costs and the noisy median: report only
+
+
+def kind(figure: str) -> str | None:
+    """ "memory", "throughput", "time" or None (not tracked) for a figure name."""
+    if "memory" in figure or figure.endswith(("_bytes", "_mib", "_gib")) or figure.startswith("bytes_per_"):
+        return "memory"
+    if figure.endswith("_per_s"):
+        return "throughput"
+    if figure.endswith(("_s", "_ms")) and not any(fnmatch.fnmatch(figure, p) for p in UNGATED):
+        return "time"
+    return None
+
+
+def load_set(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Flatten a results folder, one suite file, or a combined/baseline file into ``{"suite/entry": entry}``."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        out: dict[str, dict[str, Any]] = {}
+        for f in files:
+            out.update(load_set(f))
+        return out
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such results file or folder")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("suites"), dict):
+        suites = data["suites"]
+    elif isinstance(data, dict) and isinstance(data.get("entries"), dict):
+        suites = {data.get("suite") or path.stem: data}
+    else:
+        raise ValueError(f"{path}: expected {{'suite', 'entries'}} or {{'suites': {{...}}}}")
+    out = {}
+    for suite, body in suites.items():
+        for name, entry in body.get("entries", {}).items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("figures"), dict):
+                raise ValueError(f"{path}: entry {suite}/{name} has no 'figures' object")
+            out[f"{suite}/{name}"] = entry
+    return out
+
+
+def combine(results: str | Path) -> dict[str, Any]:
+    """Every suite file of a results folder as one ``{"device", "suites": {...}}`` object (baselines, gpu.sh)."""
+    suites = {f.stem: common.load_results(f) for f in sorted(Path(results).glob("*.json")) if f.stem != "combined"}
+    suites = {k: v for k, v in suites.items() if v.get("entries")}
+    devices = sorted({e["meta"].get("device", "?") for s in suites.values() for e in s["entries"].values()})
+    return {"devices": devices, "suites": suites}
+
+
+@dataclass
+class Row:
+    entry: str
+    figure: str
+    kind: str
+    base: float
+    new: float
+    worse_by: float  # > 0 means worse
+    margin: float
+    status: str  # "REGRESSED", "ok", "improved", "not gated"
+
+
+def compare(
+    base: dict[str, dict],
+    new: dict[str, dict],
+    *,
+    time_margin: float = 0.10,
+    memory_margin: float = 0.05,
+    dedicated: bool = False,
+    gate_time: bool = True,
+) -> tuple[list[Row], list[str]]:
+    """Rows for every tracked figure present in both sets, plus notes on entries that could not be compared."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    for name in sorted(base):
+        b = base[name]
+        if name not in new:
+            notes.append(f"{name}: in the baseline, not in the new results")
+            continue
+        n = new[name]
+        if b.get("params") != n.get("params") or b.get("meta", {}).get("quick") != n.get("meta", {}).get("quick"):
+            notes.append(f"{name}: params or --quick differ from the baseline; not compared")
+            continue
+        device_type = n.get("meta", {}).get("device_type")
+        time_gated = gate_time and (dedicated or device_type == "cuda")
+        for fig, bv in sorted(b["figures"].items()):
+            k = kind(fig)
+            nv = n["figures"].get(fig)
+            if k is None or nv is None or bv is None:
+                continue
+            if k == "throughput":
+                worse = (bv / nv - 1.0) if nv > 0 else float("inf")
+            else:
+                worse = (nv / bv - 1.0) if bv > 0 else (0.0 if nv <= bv else float("inf"))
+            margin = memory_margin if k == "memory" else time_margin
+            gated = k == "memory" or time_gated
+            if not gated:
+                status = "not gated"
+            elif worse > margin:
+                status = "REGRESSED"
+            elif worse < -margin:
+                status = "improved"
+            else:
+                status = "ok"
+            rows.append(Row(name, fig, k, float(bv), float(nv), worse, margin, status))
+    for name in sorted(set(new) - set(base)):
+        notes.append(f"{name}: new entry, no baseline")
+    return rows, notes
+
+
+def table(rows: list[Row], *, everything: bool = False) -> str:
+    """Markdown table of the rows that moved (|change| > 1%) or regressed; all rows with ``everything``."""
+    shown = [r for r in rows if everything or r.status == "REGRESSED" or abs(r.worse_by) > 0.01]
+    lines = ["| entry | figure | baseline | new | worse by | margin | status |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in shown:
+        lines.append(f"| {r.entry} | {r.figure} | {r.base:.4g} | {r.new:.4g} | {r.worse_by:+.1%} | "
+                     f"{r.margin:.0%} | {r.status} |")  # fmt: skip
+    return "\n".join(lines) if shown else "(no tracked figure moved by more than 1%)"
+
+
+def default_baseline() -> Path:
+    return common.BENCH_DIR / "baselines" / f"{common.device_slug(common.device_name())}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--results", default=str(common.results_dir()), help="results folder or file (default: %(default)s)"
+    )
+    ap.add_argument("--baseline", default=None, help="baseline file (default: bench/baselines/<this device>.json)")
+    ap.add_argument("--save", action="store_true", help="write the results as the baseline instead of comparing")
+    ap.add_argument("--time-margin", type=float, default=0.10, help="allowed time/throughput worsening (0.10 = 10%%)")
+    ap.add_argument("--memory-margin", type=float, default=0.05, help="allowed peak-memory worsening (0.05 = 5%%)")
+    ap.add_argument("--dedicated", action="store_true", help="gate time figures of every entry (dedicated machine)")
+    ap.add_argument("--no-time", action="store_true", help="never gate time figures (report them only)")
+    ap.add_argument("--all", action="store_true", help="show every compared figure, not only those that moved")
+    args = ap.parse_args(argv)
+    baseline = Path(args.baseline) if args.baseline else default_baseline()
+    try:
+        if args.save:
+            combined = combine(args.results)
+            if not combined["suites"]:
+                print(f"error: no results under {args.results}; run `pytest bench --quick` first", file=sys.stderr)
+                return 2
+            from ssb.files import atomic_write_json
+
+            atomic_write_json(baseline, combined)
+            n = sum(len(s["entries"]) for s in combined["suites"].values())
+            print(f"saved {n} entries from {len(combined['suites'])} suites to {baseline}")
+            return 0
+        base, new = load_set(baseline), load_set(args.results)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows, notes = compare(base, new, time_margin=args.time_margin, memory_margin=args.memory_margin,
+                          dedicated=args.dedicated, gate_time=not args.no_time)  # fmt: skip
+    print(f"baseline {baseline}  vs  results {args.results}\n")
+    print(table(rows, everything=args.all))
+    for note in notes:
+        print(f"note: {note}")
+    bad = [r for r in rows if r.status == "REGRESSED"]
+    gated = sum(r.status != "not gated" for r in rows)
+    print(f"\n{len(rows)} figures compared ({gated} gated), {len(bad)} regressed, {len(notes)} notes")
+    if not rows:
+        print("error: nothing comparable between baseline and results", file=sys.stderr)
+        return 2
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

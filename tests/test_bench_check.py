@@ -1,0 +1,135 @@
+"""bench/check.py: injected slowdowns and memory increases fail the check, noise within the margins passes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import check  # noqa: E402
+
+
+def _entry(device_type: str, **figures: float) -> dict:
+    device = "NVIDIA H100 80GB HBM3" if device_type == "cuda" else "AMD EPYC, 2 cores (CPU)"
+    return {
+        "params": {"provider": "fused", "seq_len": 1024},
+        "figures": figures,
+        "meta": {"device": device, "device_type": device_type, "quick": True},
+    }
+
+
+BASE = {
+    "train": {
+        "suite": "train",
+        "entries": {
+            "toy/fused/cpu": _entry("cpu", step_time_s=2.0, tokens_per_s=500.0, peak_memory_mib=800.0, warmup_s=9.0),
+            "qwen/fused/cuda": _entry("cuda", step_time_s=0.5, tokens_per_s=8000.0, peak_memory_mib=9000.0),
+        },
+    },
+    "capture": {"suite": "capture", "entries": {"hf": _entry("cpu", tokens_per_s=900.0, bytes_per_row=528.0)}},
+}
+
+
+def _write(folder: Path, suites: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in suites.items():
+        (folder / f"{name}.json").write_text(json.dumps(body))
+    return folder
+
+
+def _run(tmp_path: Path, new: dict, *flags: str) -> int:
+    base = _write(tmp_path / "base", BASE)
+    res = _write(tmp_path / "new", new)
+    return check.main(["--baseline", str(base), "--results", str(res), *flags])
+
+
+def _edit(suite: str, entry: str, **figures: float) -> dict:
+    new = copy.deepcopy(BASE)
+    new[suite]["entries"][entry]["figures"].update(figures)
+    return new
+
+
+def test_identical_results_pass(tmp_path, capsys):
+    assert _run(tmp_path, BASE) == 0
+    assert "0 regressed" in capsys.readouterr().out
+
+
+def test_small_noise_within_margins_passes(tmp_path):
+    new = _edit(
+        "train", "qwen/fused/cuda", step_time_s=0.5 * 1.08, tokens_per_s=8000 / 1.08, peak_memory_mib=9000 * 1.04
+    )
+    assert _run(tmp_path, new) == 0
+
+
+def test_memory_increase_fails_even_on_shared_cpu(tmp_path, capsys):
+    new = _edit("train", "toy/fused/cpu", peak_memory_mib=800.0 * 1.06)  # +6% > 5%
+    assert _run(tmp_path, new) == 1
+    out = capsys.readouterr().out
+    assert "| train/toy/fused/cpu | peak_memory_mib |" in out and "REGRESSED" in out
+
+
+def test_store_bytes_per_row_increase_fails(tmp_path):
+    assert _run(tmp_path, _edit("capture", "hf", bytes_per_row=600.0)) == 1
+
+
+def test_slowdown_on_gpu_fails(tmp_path, capsys):
+    assert _run(tmp_path, _edit("train", "qwen/fused/cuda", step_time_s=0.5 * 1.25)) == 1
+    assert "step_time_s" in capsys.readouterr().out
+
+
+def test_throughput_drop_on_gpu_fails(tmp_path):
+    assert _run(tmp_path, _edit("train", "qwen/fused/cuda", tokens_per_s=8000.0 / 1.2)) == 1
+
+
+def test_slowdown_on_shared_cpu_is_reported_not_gated_unless_dedicated(tmp_path, capsys):
+    new = _edit("train", "toy/fused/cpu", step_time_s=3.0, tokens_per_s=333.0)
+    assert _run(tmp_path, new) == 0
+    assert "not gated" in capsys.readouterr().out
+    assert _run(tmp_path, new, "--dedicated") == 1
+
+
+def test_no_time_flag_and_margin_flags(tmp_path):
+    slow = _edit("train", "qwen/fused/cuda", step_time_s=0.5 * 1.25)
+    assert _run(tmp_path, slow, "--no-time") == 0
+    assert _run(tmp_path, slow, "--time-margin", "0.3") == 0
+    mem = _edit("train", "qwen/fused/cuda", peak_memory_mib=9000 * 1.03)
+    assert _run(tmp_path, mem) == 0
+    assert _run(tmp_path, mem, "--memory-margin", "0.01") == 1
+
+
+def test_warmup_is_not_tracked_and_changed_params_are_not_compared(tmp_path, capsys):
+    new = _edit("train", "toy/fused/cpu", warmup_s=90.0)
+    new["train"]["entries"]["qwen/fused/cuda"]["params"]["seq_len"] = 2048
+    new["train"]["entries"]["qwen/fused/cuda"]["figures"]["peak_memory_mib"] = 18000.0  # other shape: not a regression
+    assert _run(tmp_path, new) == 0
+    assert "params or --quick differ" in capsys.readouterr().out
+
+
+def test_save_then_compare_roundtrip(tmp_path):
+    res = _write(tmp_path / "res", BASE)
+    baseline = tmp_path / "baselines" / "dev.json"
+    assert check.main(["--save", "--results", str(res), "--baseline", str(baseline)]) == 0
+    saved = json.loads(baseline.read_text())
+    assert set(saved["suites"]) == {"train", "capture"} and len(saved["devices"]) == 2
+    assert check.main(["--results", str(res), "--baseline", str(baseline)]) == 0
+    worse = _write(tmp_path / "worse", _edit("capture", "hf", bytes_per_row=560.0))
+    assert check.main(["--results", str(worse), "--baseline", str(baseline)]) == 1
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"entries": {"x": {"no": "figures"}}}), json.dumps([1])])
+def test_malformed_or_missing_input_is_exit_2(tmp_path, content):
+    (tmp_path / "bad.json").write_text(content)
+    _write(tmp_path / "ok", BASE)
+    assert check.main(["--baseline", str(tmp_path / "bad.json"), "--results", str(tmp_path / "ok")]) == 2
+    assert check.main(["--baseline", str(tmp_path / "missing.json"), "--results", str(tmp_path / "ok")]) == 2
+
+
+def test_figure_kinds():
+    assert [check.kind(f) for f in ("peak_memory_mib", "bytes_per_row", "tokens_per_s", "step_time_s", "warmup_s")] == [
+        "memory", "memory", "throughput", "time", None
+    ]  # fmt: skip
