@@ -5,9 +5,10 @@
     python bench/check.py --baseline B.json --results R.json --time-margin 0.2 --memory-margin 0.05 --dedicated
 
 Tracked figures are chosen by name (``figures`` of each entry, see bench/common.py):
-  memory      ``*memory*``, ``*_bytes``, ``*_mib``, ``*_gib``, ``bytes_per_*``     lower is better, always gated
-  throughput  ``*_per_s``                                                          higher is better, time class
-  time        ``*_s``, ``*_ms`` (not ``warmup_s``/``startup_s``/``compile_s``)     lower is better, time class
+  memory      ``*memory*``, ``*_bytes``, ``*_mb``, ``*_mib``, ``*_gb``, ``*_gib``, ``bytes_per_*``
+              lower is better, always gated
+  throughput  ``*_per_s``; higher is better, time class
+  time        ``*_s``, ``*_ms`` (not start-up costs: ``warmup_s``, ``first_call_s``...); lower is better, time class
 The time class is gated only on a dedicated device: entries measured on CUDA (a lent GPU machine runs one
 job), or every entry with ``--dedicated``; on a shared CPU time figures are reported, not gated
 (``--no-time`` never gates them). A change is "worse by x" when new/base - 1 = x (lower-is-better) or
@@ -30,12 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-UNGATED = ("warmup_s", "startup_s", "compile_s", "*_median_s")  # start-up costs and the noisy median: report only
+UNGATED = (
+    "warmup_s",
+    "startup_s",
+    "compile_s",
+    "first_call_s",
+    "*_median_s",
+)  # start-up costs and the noisy median: report only
 
 
 def kind(figure: str) -> str | None:
     """ "memory", "throughput", "time" or None (not tracked) for a figure name."""
-    if "memory" in figure or figure.endswith(("_bytes", "_mib", "_gib")) or figure.startswith("bytes_per_"):
+    if (
+        "memory" in figure
+        or figure.endswith(("_bytes", "_mb", "_mib", "_gb", "_gib"))
+        or figure.startswith("bytes_per_")
+    ):
         return "memory"
     if figure.endswith("_per_s"):
         return "throughput"
@@ -44,14 +55,36 @@ def kind(figure: str) -> str | None:
     return None
 
 
-def load_set(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Flatten a results folder, one suite file, or a combined/baseline file into ``{"suite/entry": entry}``."""
+def from_pytest_benchmark(data: dict[str, Any]) -> dict[str, Any]:
+    """A raw pytest-benchmark JSON (``--benchmark-json``) as one suite: numeric ``extra_info`` values that
+    :func:`kind` tracks become figures (plus the timer's ``time_min_s``), the rest params."""
+    ssb = data.get("ssb") or {}
+    device = ssb.get("device") or data.get("machine_info", {}).get("device", "?")
+    meta = {"device": device, "device_type": "cpu" if str(device).startswith("cpu") else "cuda",
+            "commit": ssb.get("commit"), "quick": ssb.get("quick")}  # fmt: skip
+    entries = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info") or {}
+        figures = {k: v for k, v in info.items() if kind(k) and isinstance(v, int | float) and not isinstance(v, bool)}
+        params = {k: v for k, v in info.items() if k not in figures and k not in ("device", "torch", "triton")}
+        figures["time_min_s"] = b["stats"]["min"]
+        entries[b["fullname"]] = {"params": params, "figures": figures, "meta": meta}
+    return {"suite": "pytest-benchmark", "entries": entries}
+
+
+def load_set(path: str | Path, *, raw: bool = False) -> dict[str, dict[str, Any]]:
+    """Flatten a results folder, one suite file, or a combined/baseline file into ``{"suite/entry": entry}``.
+
+    A raw pytest-benchmark JSON file is read when named; in a folder it is skipped unless ``raw`` (its figures
+    are also in the suite files that ``bench_record`` writes).
+    """
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.json"))
         out: dict[str, dict[str, Any]] = {}
-        for f in files:
-            out.update(load_set(f))
+        for f in sorted(path.glob("*.json")):
+            if not raw and "benchmarks" in json.loads(f.read_text() or "{}"):
+                continue
+            out.update(load_set(f, raw=raw))
         return out
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file or folder")
@@ -59,6 +92,8 @@ def load_set(path: str | Path) -> dict[str, dict[str, Any]]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        data = from_pytest_benchmark(data)
     if isinstance(data, dict) and isinstance(data.get("suites"), dict):
         suites = data["suites"]
     elif isinstance(data, dict) and isinstance(data.get("entries"), dict):
@@ -153,7 +188,10 @@ def table(rows: list[Row], *, everything: bool = False) -> str:
 
 
 def default_baseline() -> Path:
-    return common.BENCH_DIR / "baselines" / f"{common.device_slug(common.device_name())}.json"
+    """``bench/baselines/<device label>.json``, the label of bench/hardware.py (``cpu-2core-amd-epyc``)."""
+    from hardware import device_name
+
+    return common.BENCH_DIR / "baselines" / f"{device_name()}.json"
 
 
 def main(argv: list[str] | None = None) -> int:

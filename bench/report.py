@@ -51,11 +51,13 @@ class Row:
         return hit[1] if hit else None
 
     def peak_mib(self) -> float | None:
-        hit = self.first(lambda k: "peak_memory" in k or k.startswith("peak_rss"))
+        hit = self.first(lambda k: k.startswith("peak_") and check.kind(k) == "memory")
         if hit is None:
             return None
         k, v = hit
-        return v * 1024 if k.endswith("_gib") else v / 2**20 if k.endswith("_bytes") else v
+        if k.endswith(("_gib", "_gb")):
+            return v * 1024
+        return v / 2**20 if k.endswith("_bytes") else v
 
 
 def load_rows(paths: list[Path]) -> list[Row]:
@@ -81,7 +83,7 @@ def _fmt(v: float | None, unit: str = "") -> str:
 
 def _others(row: Row) -> str:
     """Figures beyond tokens/s and peak memory, e.g. step time or store bytes per row."""
-    skip = ("tokens_per_s", "peak_memory", "median", "warmup", "startup")
+    skip = ("tokens_per_s", "peak_", "median", "warmup", "startup", "first_call")
     keep = [(k, v) for k, v in row.figures.items() if not any(s in k for s in skip) and check.kind(k) is not None]
     return ", ".join(f"{k} {_fmt(v)}" for k, v in keep[:3]) or "-"
 
