@@ -1,0 +1,117 @@
+"""Shared sparse-KD test cases and the ground-truth oracle check (STYLE.md) for tests/test_kernels*.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from ssb_kernels.options import KDOptions
+from ssb_kernels.reference import sparse_kd_eager
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int = 37
+    h: int = 48
+    v: int = 1001
+    k: int = 7
+    temperature: float = 1.0
+    variant: str = "tail"
+    reduction: str = "mean"
+    mask_frac: float = 0.0  # fraction of rows masked
+    pad: int = 0  # trailing -1 padding per row
+    teacher_scale: float = 2.0  # teacher logit std (large = peaked)
+    student_scale: float = 1.0  # multiplies hidden (large = far from teacher, tail ratio large)
+    lse_given: bool = True
+    weight_grad: bool = False
+
+
+CASES = [
+    Case("odd"),
+    Case("odd-T2-renorm-sum", temperature=2.0, variant="renorm", reduction="sum"),
+    Case("k1", k=1),
+    Case("kV", v=64, k=64, h=16),
+    Case("kV-T2-derived", v=64, k=64, h=16, temperature=2.0, lse_given=False),
+    Case("masked20-pad", mask_frac=0.2, pad=3, reduction="none"),
+    Case("peaked-tail1e-6", teacher_scale=12.0, k=16),
+    Case("far-student-T2", student_scale=8.0, temperature=2.0),
+    Case("derived-lse-T2", lse_given=False, temperature=2.0, pad=2),
+    Case("renorm-none-masked", variant="renorm", reduction="none", mask_frac=0.2, pad=1),
+    Case("weight-grad", weight_grad=True, temperature=2.0, mask_frac=0.2),
+    Case("weight-grad-renorm", weight_grad=True, variant="renorm", pad=2),
+]
+
+
+def make_case(case: Case, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Inputs for ``case`` in ``dtype`` (teacher values are exact full-vocabulary log-probs, c_T exact)."""
+    g = torch.Generator().manual_seed(seed)
+    n, h, v, k = case.n, case.h, case.v, case.k
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64) * case.student_scale
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * case.teacher_scale
+    logp_t = torch.log_softmax(t, -1)  # (N, V) teacher at T = 1
+    lp, ids = logp_t.topk(k, -1)
+    if case.pad:
+        ids[:, k - case.pad :] = -1
+        lp[:, k - case.pad :] = 0.0  # value under padding is ignored
+    mask = torch.rand(n, generator=g) >= case.mask_frac
+    lse_t = torch.logsumexp(logp_t / case.temperature, -1)  # exact c_T over the full vocabulary
+    return {
+        "hidden": hidden.to(dtype),
+        "weight": weight.to(dtype),
+        "topk_ids": ids,
+        "topk_logprobs": lp.float() if dtype != torch.float64 else lp,
+        "lse_t": (lse_t.float() if dtype != torch.float64 else lse_t) if case.lse_given else None,
+        "mask": mask if case.mask_frac else None,
+    }
+
+
+def opts_of(case: Case) -> KDOptions:
+    return KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction)
+
+
+def loss_and_grads(fn, x: dict, case: Case, dtype: torch.dtype) -> dict:
+    """Run ``fn(hidden, weight, ids, lp, lse_t, mask)``, backward with a non-trivial upstream grad."""
+    hidden = x["hidden"].to(dtype).detach().requires_grad_(True)
+    weight = x["weight"].to(dtype).detach().requires_grad_(case.weight_grad)
+    lp = x["topk_logprobs"] if dtype == torch.float64 else x["topk_logprobs"].float()
+    lse = x["lse_t"]
+    if lse is not None:
+        lse = lse if dtype == torch.float64 else lse.float()
+    loss = fn(hidden, weight, x["topk_ids"], lp, lse, x["mask"])
+    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)  # "not the last layer"
+    (loss * up).sum().backward()
+    out = {"loss": loss.detach().double(), "hidden.grad": hidden.grad.double()}
+    if case.weight_grad:
+        out["weight.grad"] = weight.grad.double()
+    else:
+        assert weight.grad is None
+    return out
+
+
+def eager_fn(case: Case):
+    return lambda h, w, i, lp, lse, m: sparse_kd_eager(h, w, i, lp, lse, m, opts_of(case))
+
+
+def assert_oracle(case: Case, x: dict, fn, dtype: torch.dtype, eps: float = 1e-5) -> None:
+    """|impl - truth| <= |eager_same_dtype - truth| + eps, elementwise; truth = eager in float64 on the
+    same (dtype-rounded) inputs. Prints the worst element on failure."""
+    rounded = dict(x, hidden=x["hidden"].to(dtype).double(), weight=x["weight"].to(dtype).double())
+    if x["lse_t"] is not None:
+        rounded["lse_t"] = x["lse_t"].double()
+    rounded["topk_logprobs"] = x["topk_logprobs"].double()
+    truth = loss_and_grads(eager_fn(case), rounded, case, torch.float64)
+    ref = loss_and_grads(eager_fn(case), x, case, dtype)
+    got = loss_and_grads(fn, x, case, dtype)
+    for key, t in truth.items():
+        scale = float(t.abs().max()) if t.numel() else 1.0
+        err, allowed = (got[key] - t).abs(), (ref[key] - t).abs() + eps * max(1.0, scale)
+        assert torch.isfinite(got[key]).all(), f"{case.name} {key}: non-finite values"
+        bad = err - allowed
+        if bad.numel() and float(bad.max()) > 0:
+            i = int(bad.reshape(-1).argmax())
+            raise AssertionError(
+                f"{case.name} {key} [{dtype}]: worst flat index {i}: got {float(got[key].reshape(-1)[i]):.8g}, "
+                f"truth {float(t.reshape(-1)[i]):.8g}, eager-{dtype} {float(ref[key].reshape(-1)[i]):.8g}"
+            )

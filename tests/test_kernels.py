@@ -1,0 +1,171 @@
+"""ssb_kernels eager + chunked paths against a float64 evaluation of SPEC.md (ground-truth oracle rule)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_cases import CASES, Case, assert_oracle, make_case, opts_of
+from ssb_kernels import KDOptions, sparse_kd_loss, topk_logprobs
+from ssb_kernels.chunked import sparse_kd_chunked, topk_logprobs_chunked
+from ssb_kernels.options import TopkOptions
+from ssb_kernels.reference import topk_logprobs_eager
+
+
+def chunked_fn(case: Case, chunk: int = 97):
+    """The chunked path with a small odd chunk so every case crosses many chunk boundaries."""
+    o = KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction, chunk_size=chunk)
+    return lambda h, w, i, lp, lse, m: sparse_kd_chunked(h, w, i, lp, lse, m, o)
+
+
+HALF_SUBSET = ("odd", "masked20-pad", "weight-grad", "kV")  # half-precision inputs on a representative subset
+ORACLE_PARAMS = [
+    pytest.param(c, d, id=f"{c.name}-{str(d)[6:]}")
+    for d in (torch.float32, torch.float16, torch.bfloat16)
+    for c in CASES
+    if d == torch.float32 or c.name in HALF_SUBSET
+]
+
+
+@pytest.mark.parametrize("case,dtype", ORACLE_PARAMS)
+def test_chunked_matches_oracle(case: Case, dtype):
+    assert_oracle(case, make_case(case, dtype), chunked_fn(case), dtype)
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_support_equals_ssb_reference_kl(impl, temperature):
+    """K = whole vocabulary: loss == F.kl_div(log_softmax(z/T), softmax(t/T), batchmean) * T^2 (SSB reference)."""
+    x = make_case(Case("dense", n=9, h=16, v=50, k=50, temperature=temperature), torch.float64)
+    t = torch.randn(9, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2
+    logp_t = torch.log_softmax(t, -1)
+    ids = torch.arange(50).repeat(9, 1)
+    mask = torch.tensor([True, False] * 4 + [True])
+    got = sparse_kd_loss(x["hidden"], x["weight"], ids, logp_t, mask=mask, temperature=temperature, impl=impl)
+    z = x["hidden"] @ x["weight"].t()
+    ref = F.kl_div(
+        F.log_softmax(z[mask] / temperature, -1), F.softmax(t[mask] / temperature, -1), reduction="batchmean"
+    )
+    torch.testing.assert_close(got, ref * temperature**2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_masked_gives_zero_loss_and_grads(impl, reduction):
+    x = make_case(Case("all-masked", n=5, h=8, v=40, k=4), torch.float32)
+    h = x["hidden"].requires_grad_(True)
+    w = x["weight"].requires_grad_(True)
+    ids = x["topk_ids"].clone()
+    ids[2] = -1  # a row with no valid id is also not counted
+    mask = torch.tensor([False, False, True, False, False])
+    loss = sparse_kd_loss(h, w, ids, x["topk_logprobs"], mask=mask, reduction=reduction, impl=impl)
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_tail_never_exceeds_full_kl_and_renorm_drives_tail():
+    """SPEC section 2: merging the tail into one outcome cannot increase KL."""
+    case = Case("bound", n=16, h=16, v=300, k=5)
+    x = make_case(case, torch.float64)
+    t = torch.randn(16, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    logp_t = torch.log_softmax(t, -1)
+    lp, ids = logp_t.topk(5, -1)
+    lse = torch.logsumexp(logp_t, -1)
+    sparse = sparse_kd_loss(x["hidden"], x["weight"], ids, lp, lse_t=lse, reduction="none", impl="chunked")
+    full = sparse_kd_loss(x["hidden"], x["weight"], torch.arange(300).repeat(16, 1), logp_t, reduction="none")
+    assert torch.all(sparse <= full + 1e-12) and torch.all(sparse >= 0)
+
+
+def test_gradcheck_chunked_float64():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 6, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = (torch.randn(23, 6, dtype=torch.float64, generator=g) * 0.5).requires_grad_(True)
+    ids = torch.stack([torch.randperm(23, generator=g)[:5] for _ in range(4)])
+    ids[1, 3:] = -1
+    full = torch.log_softmax(torch.randn(4, 23, dtype=torch.float64, generator=g), -1)  # teacher at T = 1
+    lp = full.gather(1, ids.clamp(min=0))
+    mask = torch.tensor([True, True, False, True])
+    exact = torch.logsumexp(full / 2.0, -1)
+    for variant, reduction, lse_t in [("tail", "mean", None), ("renorm", "none", None), ("tail", "sum", exact)]:
+        o = KDOptions(temperature=2.0, variant=variant, reduction=reduction, chunk_size=7)
+
+        def fn(a, b, o=o, lse_t=lse_t):
+            return sparse_kd_chunked(a, b, ids, lp, lse_t, mask, o)
+
+        assert torch.autograd.gradcheck(fn, (h, w)), (variant, reduction)
+
+
+@pytest.mark.parametrize("k,temps", [(1, (1.0,)), (9, (1.0, 2.0, 0.5)), (200, (2.0,))])
+def test_topk_logprobs_chunked_matches_float64(k, temps):
+    g = torch.Generator().manual_seed(k)
+    h = torch.randn(13, 24, generator=g)
+    w = torch.randn(200, 24, generator=g) / 3
+    truth = topk_logprobs_eager(h.double(), w.double(), TopkOptions(k=k, temperatures=temps))
+    got = topk_logprobs_chunked(h, w, TopkOptions(k=k, temperatures=temps, chunk_size=31))
+    assert got[0].dtype == torch.int64 and got[1].shape == (13, k) and got[2].shape == (13, len(temps))
+    assert torch.equal(got[0], truth[0])  # ids sorted by descending value
+    torch.testing.assert_close(got[1].double(), truth[1], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[2].double(), truth[2], rtol=0, atol=2e-5)
+    if 1.0 in temps:
+        assert got[2][:, temps.index(1.0)].abs().max() < 1e-5  # c_1 = 0
+    if k == 200:
+        assert torch.allclose(got[1].exp().sum(-1), torch.ones(13), atol=1e-5)  # k = V: all the mass
+
+
+def test_topk_public_api_bf16_and_c_t_consistency():
+    """c_T from topk_logprobs with k = V feeds sparse_kd_loss to the dense KL; bf16 inputs run in fp32."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(6, 16, generator=g).bfloat16(), torch.randn(64, 16, generator=g).bfloat16()
+    ids, lp, lse = topk_logprobs(h, w, 64, temperatures=(2.0,))
+    assert lp.dtype == torch.float32
+    exact = torch.logsumexp(torch.log_softmax(h.float() @ w.float().t(), -1) / 2.0, -1)
+    torch.testing.assert_close(lse[:, 0], exact, rtol=0, atol=1e-5)
+
+
+BAD = [
+    ("hidden", lambda x: x.update(hidden=x["hidden"][:, :-1]), "disagree on H"),
+    ("ids-dtype", lambda x: x.update(topk_ids=x["topk_ids"].float()), "int32/int64"),
+    ("ids-range", lambda x: x["topk_ids"].__setitem__((0, 0), 40), "must lie in"),
+    ("ids-neg", lambda x: x["topk_ids"].__setitem__((0, 0), -2), "must lie in"),
+    ("dup", lambda x: x["topk_ids"].__setitem__((0, 1), int(x["topk_ids"][0, 0])), "duplicate"),
+    ("lp-shape", lambda x: x.update(topk_logprobs=x["topk_logprobs"][:, :2]), "must match"),
+    ("lse-shape", lambda x: x.update(lse_t=torch.zeros(3)), "lse_t must be"),
+    ("mask-shape", lambda x: x.update(mask=torch.ones(2, dtype=torch.bool)), "mask must be"),
+    ("nan", lambda x: x["hidden"].__setitem__((0, 0), float("nan")), "NaN or inf"),
+    ("int-hidden", lambda x: x.update(hidden=x["hidden"].long()), "floating-point"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,match", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_validation_errors(name, mutate, match, impl):
+    x = make_case(Case("bad", n=5, h=8, v=40, k=4), torch.float32)
+    x["lse_t"] = None
+    mutate(x)
+    with pytest.raises(ValueError, match=match):
+        sparse_kd_loss(x["hidden"], x["weight"], x["topk_ids"], x["topk_logprobs"], lse_t=x["lse_t"],
+                       mask=x["mask"], impl=impl)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"temperature": 0.0}, "temperature"), ({"variant": "jsd"}, "variant"), ({"reduction": "avg"}, "reduction"),
+     ({"impl": "cuda"}, "impl")],
+)  # fmt: skip
+def test_option_errors(kwargs, match):
+    x = make_case(Case("bad", n=3, h=8, v=40, k=4), torch.float32)
+    with pytest.raises(ValueError, match=match):
+        sparse_kd_loss(x["hidden"], x["weight"], x["topk_ids"], x["topk_logprobs"], **kwargs)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_logprobs(x["hidden"], x["weight"], 41)
+
+
+def test_auto_is_chunked_on_cpu_and_frozen_head_gets_no_grad():
+    x = make_case(Case("auto", n=4, h=8, v=40, k=4), torch.float32)
+    h = x["hidden"].requires_grad_(True)
+    loss = sparse_kd_loss(h, x["weight"], x["topk_ids"], x["topk_logprobs"])
+    assert type(loss.grad_fn).__name__.startswith("_SparseKDChunked")
+    loss.backward()
+    assert x["weight"].grad is None and h.grad is not None
+    assert opts_of(CASES[0]).chunk_size > 0
