@@ -112,7 +112,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_torchrun_two_ranks_match_single_process(run_world):
     # one process: 2 micro-batches of 2 (global batch 4); two ranks: 1 micro-batch of 2 each (global batch 4)
     single, cfg_single = _config(run_world, "single", batch_size=2, grad_accum=2)
-    assert ssb_main(["train", "--config", str(cfg_single)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread per process, like each DDP rank below
+    try:
+        assert ssb_main(["train", "--config", str(cfg_single)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     ddp, cfg_ddp = _config(run_world, "ddp", batch_size=2, grad_accum=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
