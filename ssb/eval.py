@@ -256,8 +256,8 @@ def evaluate(
     """Evaluate the base model (or ``adapter`` on it) on ``eval_cfg.benchmarks``; write ``OUT/results.json``.
 
     Returns the results dict: ``{"version", "label", "adapter", "protocol", "model", "engine", "eval",
-    "benchmarks": {name: {"aggregates": {...}, "problems": [every sample with text, verdict, length]}},
-    "skipped": {...}}``. Pass a prebuilt ``engine`` (``ssb.rollout`` Engine) to reuse one across calls.
+    "benchmarks": {name: {"aggregates": {...}, "problems": [every sample with text, verdict, length]}}}``.
+    Pass a prebuilt ``engine`` (:mod:`ssb.engines`, e.g. LoRA-enabled vLLM) to reuse one; the caller closes it.
     """
     from ssb.data import load_problems
 
@@ -277,7 +277,7 @@ def evaluate(
     results: dict = {
         "version": RESULTS_VERSION, "label": label, "adapter": adapter, "protocol": dataclasses.asdict(protocol),
         "model": config_to_dict(model_cfg), "engine": config_to_dict(engine_cfg), "eval": config_to_dict(eval_cfg),
-        "benchmarks": {}, "skipped": {},
+        "benchmarks": {},
     }  # fmt: skip
     pool = make_grader_pool(eval_cfg.grader_workers)
     try:
@@ -321,6 +321,9 @@ def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
     plan = ([("base", None)] if cfg.eval.include_base or adapter is None else []) + (
         [("ssb" if adapter == str(trained) else Path(adapter).name, adapter)] if adapter else []
     )
+    if adapter is not None and cfg.train.qlora:
+        print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
+              "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
     engine = None
     if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
         from ssb.engines import adapter_rank, make_engine
