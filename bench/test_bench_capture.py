@@ -118,10 +118,6 @@ def _run(benchmark, root, backend_name: str, make_backend) -> dict:
 
 @pytest.mark.bench
 def test_bench_capture_hf(benchmark, setup):
-    import ssb_kernels
-
-    if not hasattr(ssb_kernels, "topk_logprobs"):
-        pytest.skip("ssb_kernels.topk_logprobs has not landed yet")
     info = _run(benchmark, setup, "hf", lambda cfg: HFCapture(cfg))
     assert info["bytes_per_row"] <= 8 * K + 16  # the storage target with float32 values
 

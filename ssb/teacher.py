@@ -157,9 +157,9 @@ class HFCapture:
             # rows predicting reply tokens: positions P-1 .. P+R-2 of each sequence -> (N, H)
             rows = torch.cat([hidden[b, len(items[i].prompt) - 1 : lengths[i]] for b, i in enumerate(group)])
             targets = torch.cat([torch.tensor(items[i].reply) for i in group]).to(self.device)
+            # ids (N, k) sorted by descending log-prob, top_lp (N, k), lse (N, len(temps)): c_T per temperature
             top_ids, top_lp, lse = topk_logprobs(rows, self.head, k, temperatures=temps, impl=self.cap.kernel_impl)
             tok_lp = token_logprob(rows, self.head, targets, top_ids, top_lp)
-            lse = _lse_columns(lse, len(temps), rows.shape[0])
             start = 0
             for i in group:
                 a, b = start, start + len(items[i].reply)
@@ -173,19 +173,6 @@ class HFCapture:
                     token_logprob=tok_lp[a:b].cpu(),
                 )
         return out  # type: ignore[return-value]
-
-
-def _lse_columns(lse, n_temps: int, n_rows: int) -> torch.Tensor:
-    """The kernel's ``c_T`` per temperature as an (N, n_temps) tensor (accepts (N, n), (n, N), (N,) or a list)."""
-    if isinstance(lse, list | tuple):
-        lse = torch.stack(list(lse), dim=-1)
-    if lse.dim() == 1:
-        lse = lse.unsqueeze(-1)
-    if lse.shape == (n_temps, n_rows) and lse.shape != (n_rows, n_temps):
-        lse = lse.t()
-    if lse.shape != (n_rows, n_temps):
-        raise RuntimeError(f"topk_logprobs returned lse of shape {tuple(lse.shape)}, expected ({n_rows}, {n_temps})")
-    return lse
 
 
 def token_logprob(

@@ -8,7 +8,6 @@ import random
 import warnings
 
 import pytest
-import ssb_kernels
 import torch
 
 from ssb.config import SSBConfig, load_config
@@ -25,19 +24,6 @@ from ssb.store import (
 from ssb.teacher import HFCapture, capture, pack_by_budget
 
 N_EXAMPLES, K = 7, 8
-
-
-def _eager_topk_logprobs(hidden, weight, k, *, temperatures=(1.0,), impl="auto"):
-    """Stand-in with the SPEC section 4 contract until ``ssb_kernels.topk_logprobs`` lands (tests only)."""
-    logp = torch.log_softmax(hidden.float() @ weight.float().t(), -1)
-    vals, ids = logp.topk(k, -1)
-    return ids, vals, torch.stack([torch.logsumexp(logp / t, -1) for t in temperatures], -1)
-
-
-@pytest.fixture(autouse=True)
-def _kernel(monkeypatch):
-    if not hasattr(ssb_kernels, "topk_logprobs"):
-        monkeypatch.setattr(ssb_kernels, "topk_logprobs", _eager_topk_logprobs, raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +79,7 @@ def make_cfg(model_dir, run_dir, **capture) -> SSBConfig:
 def hf_store(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     t, s = write_curated(run_dir)
-    mp = pytest.MonkeyPatch()
-    if not hasattr(ssb_kernels, "topk_logprobs"):
-        mp.setattr(ssb_kernels, "topk_logprobs", _eager_topk_logprobs, raising=False)
-    try:
-        manifest = capture(make_cfg(tiny_model_dir, run_dir), t, s, run_dir / "capture")
-    finally:
-        mp.undo()
-    return run_dir, manifest
+    return run_dir, capture(make_cfg(tiny_model_dir, run_dir), t, s, run_dir / "capture")
 
 
 def test_pack_by_budget_respects_budget():
