@@ -7,6 +7,7 @@
 Tracked figures are chosen by name (``figures`` of each entry, see bench/common.py):
   memory      ``*memory*``, ``*_bytes``, ``*_mb``, ``*_mib``, ``*_gb``, ``*_gib``, ``bytes_per_*``
               lower is better, always gated
+  capacity    ``max_seq_len*`` (largest length under a memory cap); higher is better, always gated (memory margin)
   throughput  ``*_per_s``; higher is better, time class
   time        ``*_s``, ``*_ms`` (not start-up costs: ``warmup_s``, ``first_call_s``...); lower is better, time class
 The time class is gated only on a dedicated device: entries measured on CUDA (a lent GPU machine runs one
@@ -41,7 +42,9 @@ UNGATED = (
 
 
 def kind(figure: str) -> str | None:
-    """ "memory", "throughput", "time" or None (not tracked) for a figure name."""
+    """Figure class by name: "memory", "capacity", "throughput", "time", or None (not tracked)."""
+    if figure.startswith("max_seq_len"):
+        return "capacity"
     if (
         "memory" in figure
         or figure.endswith(("_bytes", "_mb", "_mib", "_gb", "_gib"))
@@ -157,12 +160,12 @@ def compare(
             nv = n["figures"].get(fig)
             if k is None or nv is None or bv is None:
                 continue
-            if k == "throughput":
+            if k in ("throughput", "capacity"):
                 worse = (bv / nv - 1.0) if nv > 0 else float("inf")
             else:
                 worse = (nv / bv - 1.0) if bv > 0 else (0.0 if nv <= bv else float("inf"))
-            margin = memory_margin if k == "memory" else time_margin
-            gated = k == "memory" or time_gated
+            margin = memory_margin if k in ("memory", "capacity") else time_margin
+            gated = k in ("memory", "capacity") or time_gated
             if not gated:
                 status = "not gated"
             elif worse > margin:

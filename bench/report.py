@@ -85,6 +85,7 @@ def _others(row: Row) -> str:
     """Figures beyond tokens/s and peak memory, e.g. step time or store bytes per row."""
     skip = ("tokens_per_s", "peak_", "median", "warmup", "startup", "first_call")
     keep = [(k, v) for k, v in row.figures.items() if not any(s in k for s in skip) and check.kind(k) is not None]
+    keep.sort(key=lambda kv: check.kind(kv[0]) != "capacity")  # max context first
     return ", ".join(f"{k} {_fmt(v)}" for k, v in keep[:3]) or "-"
 
 

@@ -93,6 +93,17 @@ def test_slowdown_on_shared_cpu_is_reported_not_gated_unless_dedicated(tmp_path,
     assert _run(tmp_path, new, "--dedicated") == 1
 
 
+def test_smaller_max_context_fails(tmp_path):
+    new = copy.deepcopy(BASE)
+    new["train"]["entries"]["qwen/fused/cuda"]["figures"]["max_seq_len_tokens"] = 12288.0
+    base = copy.deepcopy(BASE)
+    base["train"]["entries"]["qwen/fused/cuda"]["figures"]["max_seq_len_tokens"] = 16384.0
+    _write(tmp_path / "base", base)
+    _write(tmp_path / "new", new)
+    assert check.main(["--baseline", str(tmp_path / "base"), "--results", str(tmp_path / "new")]) == 1
+    assert check.main(["--baseline", str(tmp_path / "new"), "--results", str(tmp_path / "base")]) == 0
+
+
 def test_no_time_flag_and_margin_flags(tmp_path):
     slow = _edit("train", "qwen/fused/cuda", step_time_s=0.5 * 1.25)
     assert _run(tmp_path, slow, "--no-time") == 0
@@ -130,6 +141,6 @@ def test_malformed_or_missing_input_is_exit_2(tmp_path, content):
 
 
 def test_figure_kinds():
-    assert [check.kind(f) for f in ("peak_memory_mib", "bytes_per_row", "tokens_per_s", "step_time_s", "warmup_s")] == [
-        "memory", "memory", "throughput", "time", None
-    ]  # fmt: skip
+    names = ("peak_memory_mib", "peak_extra_mb", "bytes_per_row", "max_seq_len_tokens", "tokens_per_s", "step_time_s")
+    assert [check.kind(f) for f in names] == ["memory", "memory", "memory", "capacity", "throughput", "time"]
+    assert check.kind("warmup_s") is None and check.kind("first_call_s") is None and check.kind("k") is None
