@@ -3,12 +3,9 @@
 Run: ``pytest bench/test_bench_capture.py [--quick]`` (wrap in ``flock /tmp/ssb-vllm.lock`` on a shared
 machine). The model is a seeded random Qwen2 the size of the toy asset (hidden 256, 4 layers, a 1,024-token
 byte-level BPE), so the figures measure the capture machinery, not a particular checkpoint. Results go to
-``bench/results/capture.json``; every figure names the hardware.
+``bench/results/capture.json`` (``bench_record``, which names the hardware).
 """
 
-import json
-import os
-import platform
 import random
 import shutil
 import time
@@ -17,31 +14,24 @@ import pytest
 import torch
 
 from ssb.config import load_config
-from ssb.files import atomic_write_json, atomic_write_jsonl
+from ssb.files import atomic_write_jsonl
 from ssb.prompts import student_messages, teacher_messages
 from ssb.store import TeacherStore
 from ssb.teacher import HFCapture, capture, plan_capture
 
 QWEN_VOCAB = 151_936  # Qwen2.5 LM-head rows: what the reference's dense float32 store holds per token
 K = 64
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "capture.json")
-
-
-def _quick(request) -> bool:
-    try:
-        return bool(request.config.getoption("--quick"))
-    except ValueError:  # bench/conftest.py (with --quick) not present
-        return False
+MODEL = "random Qwen2: hidden 256, 4 layers, vocab 1024, float32"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, request):
+def setup(tmp_path_factory, quick):
     """Model dir + curated files: 8 examples with --quick, else 32."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ssb.toy import build_tokenizer, problems, tokenizer_corpus
 
-    n = 8 if _quick(request) else 32
+    n = 8 if quick else 32
     root = tmp_path_factory.mktemp("bench-capture")
     tok = build_tokenizer(tokenizer_corpus(seed=0, n=400), vocab_size=1024)
     tok.save_pretrained(root / "model")
@@ -70,14 +60,7 @@ def _cfg(root, backend: str):
                               "engine.max_model_len=2048", "engine.enforce_eager=true"])  # fmt: skip
 
 
-def _record(name: str, info: dict) -> None:
-    """Merge one provider's figures into bench/results/capture.json."""
-    data = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
-    data[name] = info
-    atomic_write_json(RESULTS, data)
-
-
-def _run(benchmark, root, backend_name: str, make_backend) -> dict:
+def _run(benchmark, bench_record, root, backend_name: str, make_backend) -> dict:
     """Build the backend (start-up timed apart), capture every example once, measure the store."""
     cfg = _cfg(root, backend_name)
     plan = plan_capture(cfg, root / "teacher.jsonl", root / "student.jsonl")
@@ -94,39 +77,35 @@ def _run(benchmark, root, backend_name: str, make_backend) -> dict:
             backend.close()
     seconds = benchmark.stats.stats.mean
     bpr = TeacherStore(out).bytes_per_row()
-    info = {
-        "hardware": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
-        "model": "random Qwen2, hidden 256, 4 layers, vocab 1024, float32",
-        "examples": m["counts"]["examples"],
-        "rows": m["counts"]["rows"],
-        "teacher_tokens": tokens,
-        "startup_s": round(startup, 2),
-        "capture_s": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1),
-        "rows_per_s": round(m["counts"]["rows"] / seconds, 1),
-        "k": K,
-        "exact_temperatures": m["exact_temperatures"],
-        "bytes_per_row": round(bpr, 2),
+    rows = m["counts"]["rows"]
+    figures = {
+        "tokens_per_s": tokens / seconds,
+        "rows_per_s": rows / seconds,
+        "capture_s": seconds,
+        "startup_s": startup,
+        "bytes_per_row": bpr,
         "bytes_per_row_bound": 8 * K + 16,
         "dense_fp32_bytes_per_row_qwen": 4 * QWEN_VOCAB,
-        "ratio_to_dense_qwen": round(bpr / (4 * QWEN_VOCAB), 6),
+        "ratio_to_dense_qwen": bpr / (4 * QWEN_VOCAB),
     }
-    benchmark.extra_info.update(info)
-    _record(backend_name, info)
-    return info
+    params = {"provider": backend_name, "shape": MODEL, "k": K, "examples": m["counts"]["examples"], "rows": rows,
+              "teacher_tokens": tokens, "exact_temperatures": m["exact_temperatures"],
+              "torch_threads": torch.get_num_threads()}  # fmt: skip
+    bench_record("capture", f"{backend_name}/toy-random", figures, params, device="cpu", benchmark=benchmark)
+    return figures
 
 
 @pytest.mark.bench
-def test_bench_capture_hf(benchmark, setup):
-    info = _run(benchmark, setup, "hf", lambda cfg: HFCapture(cfg))
+def test_bench_capture_hf(benchmark, bench_record, setup):
+    info = _run(benchmark, bench_record, setup, "hf", lambda cfg: HFCapture(cfg))
     assert info["bytes_per_row"] <= 8 * K + 16  # the issue's storage target with float32 values
 
 
 @pytest.mark.bench
 @pytest.mark.vllm
-def test_bench_capture_vllm(benchmark, setup):
+def test_bench_capture_vllm(benchmark, bench_record, setup):
     pytest.importorskip("vllm")
     from ssb.teacher_vllm import VLLMCapture
 
-    info = _run(benchmark, setup, "vllm", lambda cfg: VLLMCapture(cfg))
+    info = _run(benchmark, bench_record, setup, "vllm", lambda cfg: VLLMCapture(cfg))
     assert info["bytes_per_row"] <= 8 * K + 16
