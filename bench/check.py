@@ -75,27 +75,39 @@ def from_pytest_benchmark(data: dict[str, Any]) -> dict[str, Any]:
     return {"suite": "pytest-benchmark", "entries": entries}
 
 
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+
+
+def _is_raw(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list)
+
+
 def load_set(path: str | Path, *, raw: bool = False) -> dict[str, dict[str, Any]]:
     """Flatten a results folder, one suite file, or a combined/baseline file into ``{"suite/entry": entry}``.
 
     A raw pytest-benchmark JSON file is read when named; in a folder it is skipped unless ``raw`` (its figures
-    are also in the suite files that ``bench_record`` writes).
+    are also in the suite files that ``bench_record`` writes). The same name from two devices (a folder holding
+    CPU suite files and a GPU run's combined file) keeps both, the later one as ``name@device``.
     """
     path = Path(path)
     if path.is_dir():
         out: dict[str, dict[str, Any]] = {}
         for f in sorted(path.glob("*.json")):
-            if not raw and "benchmarks" in json.loads(f.read_text() or "{}"):
+            if not raw and _is_raw(_read(f)):
                 continue
-            out.update(load_set(f, raw=raw))
+            for name, entry in load_set(f, raw=raw).items():
+                if name in out and out[name].get("meta", {}).get("device") != entry.get("meta", {}).get("device"):
+                    name = f"{name}@{entry.get('meta', {}).get('device', '?')}"
+                out[name] = entry
         return out
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file or folder")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
-    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+    data = _read(path)
+    if _is_raw(data):
         data = from_pytest_benchmark(data)
     if isinstance(data, dict) and isinstance(data.get("suites"), dict):
         suites = data["suites"]
@@ -113,10 +125,16 @@ def load_set(path: str | Path, *, raw: bool = False) -> dict[str, dict[str, Any]
 
 
 def combine(results: str | Path) -> dict[str, Any]:
-    """Every suite file of a results folder as one ``{"device", "suites": {...}}`` object (baselines, gpu.sh)."""
-    suites = {f.stem: common.load_results(f) for f in sorted(Path(results).glob("*.json")) if f.stem != "combined"}
-    suites = {k: v for k, v in suites.items() if v.get("entries")}
-    devices = sorted({e["meta"].get("device", "?") for s in suites.values() for e in s["entries"].values()})
+    """The suite files of a results folder as one ``{"devices", "suites": {...}}`` object (baselines, gpu.sh).
+
+    Raw pytest-benchmark files and combined files in the folder are left out.
+    """
+    suites = {}
+    for f in sorted(Path(results).glob("*.json")):
+        data = _read(f)
+        if isinstance(data, dict) and isinstance(data.get("entries"), dict) and data["entries"]:
+            suites[data.get("suite") or f.stem] = data
+    devices = sorted({e.get("meta", {}).get("device", "?") for s in suites.values() for e in s["entries"].values()})
     return {"devices": devices, "suites": suites}
 
 

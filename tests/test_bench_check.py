@@ -144,3 +144,29 @@ def test_figure_kinds():
     names = ("peak_memory_mib", "peak_extra_mb", "bytes_per_row", "max_seq_len_tokens", "tokens_per_s", "step_time_s")
     assert [check.kind(f) for f in names] == ["memory", "memory", "memory", "capacity", "throughput", "time"]
     assert check.kind("warmup_s") is None and check.kind("first_call_s") is None and check.kind("k") is None
+
+
+def test_raw_pytest_benchmark_json_is_read_when_named_and_skipped_in_folders(tmp_path):
+    def raw(tps: float, mb: float) -> dict:
+        bench = {"fullname": "bench/test_bench_kd.py::t[x]", "stats": {"min": 0.5},
+                 "extra_info": {"provider": "eager", "tokens_per_s": tps, "peak_extra_mb": mb}}  # fmt: skip
+        return {"benchmarks": [bench], "ssb": {"device": "cpu-2core-amd-epyc", "commit": "abc", "quick": True}}
+
+    (tmp_path / "a.json").write_text(json.dumps(raw(100.0, 50.0)))
+    (tmp_path / "b.json").write_text(json.dumps(raw(100.0, 60.0)))  # +20% memory
+    flat = check.load_set(tmp_path / "a.json")
+    (entry,) = flat.values()
+    assert entry["figures"] == {"tokens_per_s": 100.0, "peak_extra_mb": 50.0, "time_min_s": 0.5}
+    assert entry["params"] == {"provider": "eager"} and entry["meta"]["device_type"] == "cpu"
+    assert check.main(["--baseline", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json")]) == 1
+    assert check.load_set(tmp_path) == {}  # folders hold the suite files; raw files are the run's archive
+
+
+def test_same_entry_from_two_devices_in_one_folder_keeps_both(tmp_path):
+    cpu = {"suite": "train", "entries": {"toy": _entry("cpu", tokens_per_s=1.0)}}
+    gpu = {"suites": {"train": {"entries": {"toy": _entry("cuda", tokens_per_s=9.0)}}}}
+    (tmp_path / "train.json").write_text(json.dumps(cpu))
+    (tmp_path / "nvidia-h100-abc.json").write_text(json.dumps(gpu))
+    flat = check.load_set(tmp_path)
+    assert len(flat) == 2 and "train/toy" in flat  # files in name order: the CPU entry comes second, renamed
+    assert flat["train/toy@AMD EPYC, 2 cores (CPU)"]["figures"]["tokens_per_s"] == 1.0
