@@ -68,7 +68,7 @@ def load_rows(paths: list[Path]) -> list[Row]:
         for f in files:
             try:
                 flat = check.load_set(f)
-            except ValueError as e:  # an old-format or foreign JSON file: say so, skip it
+            except (OSError, ValueError) as e:  # missing, old-format or foreign JSON file: say so, skip it
                 print(f"skipped {e}", file=sys.stderr)
                 continue
             rows.extend(Row(f.name, name, entry) for name, entry in flat.items())
