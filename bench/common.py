@@ -165,8 +165,9 @@ class PeakMemory:
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before (the block's own
     high-water mark). CPU: peak RSS above the RSS at entry, from the kernel's VmHWM after resetting it
-    (``/proc/self/clear_refs``), or from a 1 ms sampling thread where that reset is not allowed. Tensors
-    freed and re-used by the allocator inside the block count once, as on the device.
+    (``/proc/self/clear_refs``), or from a 1 ms sampling thread where that reset is not allowed; glibc's free
+    heap is trimmed first. Tensors freed and re-used by the allocator inside the block count once, as on the
+    device. For figures that must not depend on what ran before, measure in a fresh process.
     """
 
     device: Any = "cpu"
@@ -189,6 +190,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self._dev)
             self.method = "cuda.max_memory_allocated"
             return self
+        _release_free_heap()
         self._base = _rss_bytes()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -217,6 +219,17 @@ class PeakMemory:
         else:
             hwm = _vm_hwm_bytes()
             self.peak_bytes = max(0, hwm - self._base)
+
+
+def _release_free_heap() -> None:
+    """Collect garbage and hand glibc's free heap back to the OS, so memory freed by earlier benchmarks is not
+    silently re-used inside the measured block (which would hide it from the RSS peak)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _vm_hwm_bytes() -> int:
