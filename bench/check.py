@@ -16,6 +16,12 @@ job), or every entry with ``--dedicated``; on a shared CPU time figures are repo
 base/new - 1 = x (throughput), so both directions use the same margin. Entries are compared only when
 their ``params`` and ``--quick`` flag match; the rest are listed as not comparable. Exit codes: 0 pass,
 1 regression, 2 bad input (missing/malformed files, nothing comparable).
+
+pytest-benchmark's own comparison also works on these suites; it gates the timer's statistics only (no memory,
+no extra_info), per machine id (OS/Python), so use it on a dedicated device:
+    pytest bench --quick --benchmark-storage=file://bench/baselines/pytest-benchmark --benchmark-save=<device>
+    pytest bench --quick --benchmark-storage=file://bench/baselines/pytest-benchmark \
+        --benchmark-compare --benchmark-compare-fail=min:10%
 """
 
 from __future__ import annotations
