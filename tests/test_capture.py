@@ -21,7 +21,7 @@ from ssb.store import (
     check_compatible,
     shard_name,
 )
-from ssb.teacher import HFCapture, capture, pack_by_budget
+from ssb.teacher import HFCapture, capture, pack_by_budget, plan_capture
 
 N_EXAMPLES, K = 7, 8
 
@@ -268,7 +268,9 @@ def test_vllm_backend_agrees_with_hf(tiny_model_dir, hf_store, tmp_path):
     t, s = run_dir / "curate" / "teacher.jsonl", run_dir / "curate" / "student.jsonl"
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"capture.k={K}",
                              "capture.backend=vllm", "capture.shard_examples=3", "engine.max_model_len=1024",
+                             "capture.vllm_max_num_batched_tokens=128",
                              "engine.enforce_eager=true", "engine.gpu_memory_utilization=0.3"])  # fmt: skip
+    assert min(len(it.prompt) for it in plan_capture(cfg, t, s).items) > 128  # so prefill runs in chunks
     m = capture(cfg, t, s, tmp_path / "capture")
     assert m["exact_temperatures"] == [1.0] and m["temperatures"] == [1.0, 2.0]
     hf, vl = TeacherStore(run_dir / "capture"), TeacherStore(tmp_path / "capture")
