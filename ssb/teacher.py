@@ -235,7 +235,8 @@ def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str |
     inputs = {"teacher_jsonl": str(teacher_jsonl), "teacher_sha256": sha256_file(teacher_jsonl),
               "student_jsonl": str(student_jsonl), "student_sha256": sha256_file(student_jsonl)}  # fmt: skip
     tok_info = {"hash": tokenizer_hash(tok), "chat_template": chat_template_hash(tok), "size": len(tok)}
-    fingerprint = sha256_text(json.dumps([settings, inputs, tok_info], sort_keys=True))[:16]
+    contents = [inputs["teacher_sha256"], inputs["student_sha256"]]  # not the paths: a moved run dir stays valid
+    fingerprint = sha256_text(json.dumps([settings, contents, tok_info], sort_keys=True))[:16]
     return CapturePlan(items, skipped, n_inputs, inputs, tok_info, fingerprint)
 
 
