@@ -131,7 +131,7 @@ def write_report(runs: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """``OUT/report.md`` (tables for all runs, paired test of each run against the first) and ``OUT/chart.png``."""
     out_dir = Path(out_dir)
     parts = ["## Results (percent; 95% bootstrap CI over problems)\n", markdown_table(runs)]
-    for key in ("by_level", "by_subject"):
+    for key in ("by_level", "by_subject", "by_traps"):
         table = group_table(runs, key)
         if table:
             parts += [f"\n### pass@1 {key.replace('_', ' ')}\n", table]

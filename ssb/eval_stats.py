@@ -130,12 +130,17 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def group_accuracy(records: Sequence[dict], key: str) -> dict[str, dict]:
-    """pass@1 per value of ``meta[key]`` (e.g. MATH "level" or "subject"); problems without the key skip it."""
+    """pass@1 per value of ``meta[key]`` (MATH "level"/"subject", toy "traps"); problems without the key skip it.
+
+    A list value (the toy world's trap wordings) is one group named by its items joined with "+" ("none" if empty).
+    """
     groups: dict[str, list[float]] = {}
     for rec in records:
         value = (rec.get("meta") or {}).get(key)
         if value is None:
             continue
+        if isinstance(value, list):
+            value = "+".join(map(str, value)) or "none"
         samples = rec["samples"]
         groups.setdefault(str(value), []).append(sum(bool(s["correct"]) for s in samples) / len(samples))
     return {g: {"n_problems": len(v), "pass@1": float(np.mean(v))} for g, v in sorted(groups.items())}
@@ -161,6 +166,7 @@ def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> 
             out[name][str(k)] = {"value": float(vals.mean()), "ci": bootstrap_ci(vals, n_boot=n_boot, seed=seed)}
     out["by_level"] = group_accuracy(records, "level")
     out["by_subject"] = group_accuracy(records, "subject")
+    out["by_traps"] = group_accuracy(records, "traps")
     flat = [s for r in records for s in r["samples"]]
     out["mean_tokens_correct"] = _mean([s["n_tokens"] for s in flat if s["correct"]])
     out["mean_tokens_wrong"] = _mean([s["n_tokens"] for s in flat if not s["correct"]])

@@ -117,6 +117,9 @@ def test_aggregate_metrics():
     assert lo <= agg["pass@k"]["1"]["value"] <= hi
     assert agg["by_level"]["1"] == {"n_problems": 2, "pass@1": pytest.approx(0.375)}
     assert agg["by_level"]["2"]["pass@1"] == 0.0
+    records[0]["meta"]["traps"], records[1]["meta"]["traps"] = ["each", "gives"], []
+    by_traps = aggregate(records, n_boot=10)["by_traps"]
+    assert by_traps == {"each+gives": {"n_problems": 1, "pass@1": 0.5}, "none": {"n_problems": 1, "pass@1": 0.0}}
     assert agg["truncation_rate"] == pytest.approx(4 / 12)
     assert agg["mean_tokens_correct"] == 5 and agg["mean_tokens_wrong"] == pytest.approx((4 * 20 + 5 * 5) / 9)
     assert agg["no_answer_rate"] == pytest.approx(9 / 12)
