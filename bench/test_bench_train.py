@@ -6,14 +6,14 @@ the same inputs (``ssb.train_dryrun.Prober``, the trainer's own model/loss path)
 Shapes: ``toy`` (the toy asset's size: hidden 256, 4 layers, 1,024-token vocabulary), ``toy-32k-vocab`` (the
 same body with a 32,768-token vocabulary, where the LM head starts to dominate), and on CUDA
 ``qwen2.5-3b-qlora`` (configs/qwen2.5_3b_config.json, random weights, NF4 base). Figures (distilled
-tokens/s from the best of N steps, median step time too, peak memory, hardware) go to ``bench/results/train.json``.
+tokens/s from the best of N steps, median step time too, peak memory) go to ``bench/results/train.json``
+(``bench_record``: hardware, versions and commit as metadata).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -21,10 +21,8 @@ import pytest
 import torch
 
 from ssb.config import load_config
-from ssb.files import atomic_write_json
 from ssb.train_dryrun import PROMPT, Prober
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "train.json")
 TOY = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
        "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096}  # fmt: skip
 SHAPES = {
@@ -38,25 +36,6 @@ SHAPES = {
     ),
 }
 GPU_SHAPES = {"qwen2.5-3b-qlora": ("configs/qwen2.5_3b_config.json", 4096, True, 64)}
-
-
-def _quick(request) -> bool:
-    try:
-        return bool(request.config.getoption("--quick"))
-    except ValueError:  # bench/conftest.py (with --quick) not present
-        return False
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (CPU)"
-
-
-def _record(name: str, info: dict) -> None:
-    data = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
-    data[name] = info
-    atomic_write_json(RESULTS, data)
 
 
 _PROBERS: dict[str, Prober] = {}
@@ -77,22 +56,22 @@ def _prober(tmp_path_factory, shape: str, arch, qlora: bool, k: int, device: tor
     return _PROBERS[shape]
 
 
-def _bench(benchmark, request, tmp_path_factory, shape, spec, impl, device) -> None:
+def _bench(benchmark, bench_record, quick, tmp_path_factory, shape, spec, impl, device) -> None:
+    from common import peak_memory
+
     arch, length, qlora, k = spec
-    quick = _quick(request)
     if quick:
         length //= 2
     prober = _prober(tmp_path_factory, shape, arch, qlora, k, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    prober.step(length, impl)  # warm-up (Triton compile / allocator); reported separately
-    sync()
+    with peak_memory(device) as peak:  # the first step also allocates the AdamW state
+        prober.step(length, impl)  # warm-up (Triton compile / allocator); its time is reported separately
+        sync()
     warmup_s = time.perf_counter() - t0
     times: list[float] = []
 
     def step():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
         prober.step(length, impl)
         sync()
@@ -102,38 +81,28 @@ def _bench(benchmark, request, tmp_path_factory, shape, spec, impl, device) -> N
     # best-of-N: on a shared CPU the median mostly measures the neighbours' load; both are recorded
     best, med = min(times), statistics.median(times)
     rows = length - PROMPT
-    info = {
-        "shape": shape,
-        "loss_impl": impl,
-        "seq_len": length,
-        "distilled_rows": rows,
-        "qlora": qlora,
-        "k": k,
+    provider = "fused" if impl != "eager" else "eager"
+    figures = {
+        "distilled_tokens_per_s": rows / best,
         "step_time_s": best,
         "step_time_median_s": med,
-        "distilled_tokens_per_s": rows / best,
         "warmup_s": warmup_s,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "hardware": _hardware(device),
-        "torch": torch.__version__,
-        "quick": quick,
+        "peak_memory_mib": peak.peak_mib,
     }
-    benchmark.extra_info.update(info)
-    _record(f"{shape}/{'fused' if impl != 'eager' else 'eager'}/{device.type}", info)
+    params = {"provider": provider, "loss_impl": impl, "shape": shape, "seq_len": length, "distilled_rows": rows,
+              "qlora": qlora, "k": k, "peak_memory": f"first step, {peak.method}"}  # fmt: skip
+    bench_record("train", f"{shape}/{provider}/{device.type}", figures, params, device=device, benchmark=benchmark)
 
 
-@pytest.mark.bench
 @pytest.mark.parametrize("impl", ["auto", "eager"], ids=["fused", "eager"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_train_step_cpu(benchmark, request, tmp_path_factory, shape, impl):
+def test_train_step_cpu(benchmark, bench_record, quick, tmp_path_factory, shape, impl):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    _bench(benchmark, request, tmp_path_factory, shape, SHAPES[shape], impl, torch.device("cpu"))
+    _bench(benchmark, bench_record, quick, tmp_path_factory, shape, SHAPES[shape], impl, torch.device("cpu"))
 
 
-@pytest.mark.bench
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["auto", "eager"], ids=["fused", "eager"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_train_step_gpu(benchmark, request, tmp_path_factory, shape, impl):
-    _bench(benchmark, request, tmp_path_factory, shape, GPU_SHAPES[shape], impl, torch.device("cuda"))
+def test_train_step_gpu(benchmark, bench_record, quick, tmp_path_factory, shape, impl):
+    _bench(benchmark, bench_record, quick, tmp_path_factory, shape, GPU_SHAPES[shape], impl, torch.device("cuda"))
