@@ -72,6 +72,7 @@ class Prober:
 
     def step(self, length: int, impl: str) -> None:
         from ssb.config import replace
+        from ssb.store import DistillExample
         from ssb.train_data import collate
         from ssb.train_model import distill_loss_sums
 
@@ -80,10 +81,15 @@ class Prober:
         ids = torch.randint(0, vocab, (length + 1,), generator=gen)
         topk = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(min(rows, 8))])
         logp = torch.log_softmax(torch.randn(rows, k, generator=gen) * 3, -1) - 0.05  # 5% tail mass
-        ex = type("Ex", (), {})()
-        ex.input_ids, ex.reply_start, ex.token_ids = ids[:length], PROMPT - 1, ids[PROMPT : length + 1][:rows]
-        ex.topk_ids, ex.topk_logprobs = topk.repeat((rows + 7) // 8, 1)[:rows], logp
-        ex.lse_t = torch.zeros(rows)
+        ex = DistillExample(
+            example_index=0,
+            input_ids=ids[:length],
+            reply_start=PROMPT - 1,  # hidden positions PROMPT-1 .. length-1 predict the reply tokens
+            token_ids=ids[PROMPT : length + 1][:rows],
+            topk_ids=topk.repeat((rows + 7) // 8, 1)[:rows],
+            topk_logprobs=logp,
+            lse_t=torch.zeros(rows),  # memory/time do not depend on the values
+        )
         batch = collate([ex], packing=True).to(self.device)
         tc = replace(self.cfg.train, loss_impl=impl)
         on_cuda = self.device.type == "cuda"
