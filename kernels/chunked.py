@@ -16,7 +16,7 @@ import torch
 from .options import KDOptions, TopkOptions
 from .reference import derive_lse_t, log1mexp, math_dtype, row_losses_from_logp
 
-GATHER_ELEMS = 1 << 22  # elements per (rows, k, H) block of gathered head rows W[ids]
+GATHER_ELEMS = 1 << 20  # elements per (rows, k, H) block of gathered head rows W[ids]
 
 
 def _row_blocks(n: int, k: int, h: int) -> range:

@@ -70,9 +70,12 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+def _check_finite(name: str, x: torch.Tensor, block: int = 1 << 20) -> None:
+    """NaN/inf scan in blocks of ``block`` elements: no temporary the size of ``x`` (e.g. a 600 MB head)."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), block):
+        if not bool(torch.isfinite(flat[i : i + block]).all()):
+            raise ValueError(f"{name} contains NaN or inf")
 
 
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, *, finite: bool) -> None:
