@@ -152,7 +152,7 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     """Model, adapters, optimizer, schedule, data and (with ``resume``) the latest checkpoint's state."""
     tc = cfg.train
     rank, world, device = init_distributed()
-    out_dir = run_dir / "train"
+    out_dir = run_dir / cfg.train.output_subdir
     if examples is None:
         examples = load_examples(cfg, run_dir)
     check_examples(examples)
@@ -225,7 +225,7 @@ def train(
     examples: Sequence[Example] | None = None,
     stop_after: int | None = None,
 ) -> Path:
-    """Train and return the final adapter directory (``RUN_DIR/train/adapter``, standard PEFT format).
+    """Train and return the final adapter directory (``RUN_DIR/<train.output_subdir>/adapter``, PEFT format).
 
     ``examples`` overrides loading from the run directory (tests, benchmarks); ``stop_after`` ends the run
     cleanly after that many optimizer steps without writing the final adapter (a simulated pre-emption).
