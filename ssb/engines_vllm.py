@@ -73,6 +73,9 @@ class VLLMEngine:
                 dtype=model_cfg.dtype,
                 seed=0,  # every request carries its own seed; this only fixes engine-level state
                 enforce_eager=engine_cfg.enforce_eager,
+                # A chunked prefill makes the runner rewind a seeded request's generator, which the CPU
+                # generator cannot do ("CPU Generator does not use offset"): prompts are prefilled whole.
+                enable_chunked_prefill=False,
                 **kwargs,
             )
         finally:
