@@ -173,21 +173,26 @@ def topk_logprobs_chunked(
     dt = math_dtype(hidden, weight)
     h = hidden.to(dt)
     n, k = h.shape[0], opts.k
-    temps = (1.0,) + tuple(opts.temperatures)  # column 0 is T = 1, always needed for normalisation
+    temps = sorted(set(opts.temperatures) | {1.0})  # each distinct T once; T = 1 always (normalisation)
+    one = temps.index(1.0)
     m = h.new_full((n,), float("-inf"))
     sums = h.new_zeros(n, len(temps))
     best_v = h.new_empty(n, 0)
     best_i = torch.empty(n, 0, dtype=torch.long, device=h.device)
     for v0 in range(0, weight.shape[0], opts.chunk_size):
         z = h @ weight[v0 : v0 + opts.chunk_size].to(dt).t()  # (N, C)
-        m_new = torch.maximum(m, z.amax(1))
+        cv, ci = z.topk(min(k, z.shape[1]), 1)  # (N, <=k) chunk candidates, sorted
+        m_new = torch.maximum(m, cv[:, 0])
+        d = z.sub_(m_new[:, None])  # in place: z - m_new <= 0
         for j, t in enumerate(temps):
-            sums[:, j] = sums[:, j] * torch.exp((m - m_new) / t) + torch.exp((z - m_new[:, None]) / t).sum(1)
-        cv, ci = z.topk(min(k, z.shape[1]), 1)  # (N, <=k) chunk candidates
+            e = d.exp() if t == 1.0 else (d / t).exp_()
+            sums[:, j] = sums[:, j] * torch.exp((m - m_new) / t) + e.sum(1)
         cat_v, cat_i = torch.cat([best_v, cv], 1), torch.cat([best_i, ci + v0], 1)
         best_v, pos = cat_v.topk(min(k, cat_v.shape[1]), 1)  # sorted descending
         best_i = cat_i.gather(1, pos)
         m = m_new
-    lse = m[:, None] / torch.tensor(temps, dtype=dt, device=h.device) + torch.log(sums)  # (N, 1 + nT)
-    c = lse[:, 1:] - lse[:, :1] / torch.tensor(temps[1:], dtype=dt, device=h.device)
-    return best_i, best_v - lse[:, :1], c
+    tt = torch.tensor(temps, dtype=dt, device=h.device)
+    lse = m[:, None] / tt + torch.log(sums)  # (N, nT): LSE_v(z_v / T)
+    c = lse - lse[:, one : one + 1] / tt  # c_T = lse_T - lse_1 / T
+    cols = [temps.index(float(t)) for t in opts.temperatures]
+    return best_i, best_v - lse[:, one : one + 1], c[:, cols]
