@@ -54,12 +54,12 @@ class TopkOptions:
                 raise ValueError(f"every temperature must be a finite float > 0, got {t!r}")
 
 
-def check_impl(impl: str, device: torch.device) -> str:
-    """Resolve ``impl`` ("auto" -> triton on CUDA, chunked elsewhere)."""
+def check_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Resolve ``impl`` ("auto" -> triton on CUDA, chunked elsewhere and for float64, e.g. gradcheck)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "chunked"
     return impl
 
 

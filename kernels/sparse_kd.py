@@ -33,7 +33,9 @@ def sparse_kd_loss(
         lse_t (N,), mask (N,) bool -> () for mean/sum, (N,) for none; fp32 (fp64 if an input is fp64)
     """
     opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction)
-    impl = check_impl(impl, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    impl = check_impl(impl, hidden.device, hidden.dtype)
     check_kd_inputs(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, finite=impl != "triton")
     if impl == "eager":
         from .reference import sparse_kd_eager

@@ -26,7 +26,9 @@ def topk_logprobs(
         hidden (N, H), weight (V, H) -> ids (N, k) int64, logprobs (N, k) fp32, lse_t (N, len(temperatures)) fp32
     """
     opts = TopkOptions(k=k, temperatures=tuple(float(t) for t in temperatures))
-    impl = check_impl(impl, hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    impl = check_impl(impl, hidden.device, hidden.dtype)
     check_head(hidden, weight, finite=impl != "triton")
     if k > weight.shape[0]:
         raise ValueError(f"k must be <= V={weight.shape[0]}, got {k}")
