@@ -141,6 +141,8 @@ def triton_lse(h: torch.Tensor, w: torch.Tensor, temperature: float, ieee: bool)
     """LSE_v(h . W_v / T) per row without materialising logits. Shape: h (N, H), w (V, H) -> (N,) fp32."""
     n, hd = h.shape
     v = w.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=h.device)
     sm = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
     n_tiles, v_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V)
     splits = max(1, min(v_tiles, triton.cdiv(2 * sm, n_tiles)))  # fill the machine when N is small
@@ -194,11 +196,12 @@ class _SparseKDTriton(torch.autograd.Function):
         v = w.shape[0]
         dh = torch.zeros(n, hd, dtype=torch.float32, device=h.device)
         dw = torch.zeros(v, hd, dtype=torch.float32, device=h.device) if need_dw else dh
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V))
-        _sparse_kd_bwd_kernel[grid](
-            h, w, lse, coef, dh, dw, n, v, hd, h.stride(0), w.stride(0), 1.0 / T, FILTER_EPS,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, IEEE=ctx.ieee, HAS_DW=need_dw, FILTER=FILTER_EPS > 0,
-        )  # fmt: skip
+        if n:  # an empty grid is not a valid launch
+            grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V))
+            _sparse_kd_bwd_kernel[grid](
+                h, w, lse, coef, dh, dw, n, v, hd, h.stride(0), w.stride(0), 1.0 / T, FILTER_EPS,
+                BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, IEEE=ctx.ieee, HAS_DW=need_dw, FILTER=FILTER_EPS > 0,
+            )  # fmt: skip
         dh += sparse_matvec(wb, w, idx)
         dh_out = dh.to(ctx.in_dtypes[0]) if ctx.needs_input_grad[0] else None
         dw_out = None

@@ -85,6 +85,9 @@ def topk_logprobs_triton(
     n, hd = h.shape
     v, k = w.shape[0], opts.k
     temps = (1.0,) + tuple(opts.temperatures)  # column 0: T = 1 normalises everything
+    if n == 0:
+        empty = torch.zeros(0, k, dtype=torch.float32, device=h.device)
+        return empty.long(), empty, torch.zeros(0, len(opts.temperatures), device=h.device)
     kp, tp = triton.next_power_of_2(max(k, 2)), triton.next_power_of_2(max(len(temps), 2))
     sm = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
     n_tiles, v_tiles = triton.cdiv(n, BLOCK_N), triton.cdiv(v, BLOCK_V)

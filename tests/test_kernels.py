@@ -169,3 +169,14 @@ def test_auto_is_chunked_on_cpu_and_frozen_head_gets_no_grad():
     loss.backward()
     assert x["weight"].grad is None and h.grad is not None
     assert opts_of(CASES[0]).chunk_size > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_empty_batch(impl):
+    """N = 0 rows (a micro-batch with nothing to distil): zero loss, empty grads, empty top-k."""
+    h, w = torch.randn(0, 8, requires_grad=True), torch.randn(40, 8)
+    loss = sparse_kd_loss(h, w, torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4), impl=impl)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and h.grad.shape == (0, 8)
+    ids, lp, lse = topk_logprobs(h.detach(), w, 3, temperatures=(1.0, 2.0), impl=impl)
+    assert ids.shape == lp.shape == (0, 3) and lse.shape == (0, 2)

@@ -82,6 +82,18 @@ def test_triton_all_masked_is_zero():
     assert float(loss.detach()) == 0.0 and torch.all(h.grad == 0)
 
 
+@needs_triton
+def test_triton_empty_batch():
+    from ssb_kernels import topk_logprobs
+
+    h, w = torch.randn(0, 16, device=DEV, requires_grad=True), torch.randn(40, 16, device=DEV)
+    loss = sparse_kd_loss(h, w, torch.zeros(0, 4, dtype=torch.long, device=DEV), torch.zeros(0, 4, device=DEV),
+                          impl="triton")  # fmt: skip
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and h.grad.shape == (0, 16)
+    assert topk_logprobs(h.detach(), w, 3, impl="triton")[0].shape == (0, 3)
+
+
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already in the interpreter or on CUDA")
 def test_interpreter_suite():
     """Run this file's Triton tests under TRITON_INTERPRET=1 in a fresh process (CPU CI)."""
