@@ -26,8 +26,6 @@ def pytest_collection_modifyitems(config, items):
 # --------------------------------------------------------------------------------------------------
 # Models and engines shared by test files (rollout engineer). One vLLM engine per test session.
 
-VLLM_LOCK = "/tmp/ssb-vllm.lock"  # one vLLM instance at a time on a shared machine
-
 
 def build_tiny_chat_model(out_dir, seed: int = 0):
     """A random 2-layer Qwen2 (head_dim 32, which vLLM's CPU attention needs) + a ChatML char tokenizer."""
@@ -93,15 +91,12 @@ def vllm_engine(toy_model_dir):
 
     Holds /tmp/ssb-vllm.lock while alive. ``engine.generate`` is stateless across calls (per-sample seeds).
     """
-    import fcntl
-
     pytest.importorskip("vllm")
     from ssb.config import EngineConfig, ModelConfig
-    from ssb.engines import make_engine
+    from ssb.engines import make_engine, vllm_lock
 
     max_len = min(4096, json.loads((toy_model_dir / "config.json").read_text()).get("max_position_embeddings", 4096))
-    with open(VLLM_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with vllm_lock():
         engine = make_engine(
             ModelConfig(name_or_path=str(toy_model_dir), dtype="float32"),
             EngineConfig(backend="vllm", max_model_len=max_len, enforce_eager=True, cpu_kv_cache_gib=0.25),

@@ -228,3 +228,17 @@ class EchoEngine:
             n = int(re.search(r"\d+", conv[-1]["content"]).group()) + 1
             out.append([Completion(f"\\boxed{{{n}}}", (1, 2), "stop")] * sampling.n)
         return out
+
+
+def test_vllm_lock_does_not_wait_on_an_flock_wrapper(tmp_path):
+    """``flock LOCK pytest ...`` (the documented way to run vLLM here) must not deadlock our own lock."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1)")
+    lock = str(tmp_path / "vllm.lock")
+    code = f"from ssb.engines import vllm_lock\nwith vllm_lock({lock!r}):\n    print('inside')"
+    out = subprocess.run(["flock", lock, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "inside", out.stderr
