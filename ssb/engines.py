@@ -107,7 +107,7 @@ def adapter_rank(adapter: str | Path) -> int:
         raise ValueError(f"{path}: cannot read the LoRA rank 'r': {e}") from None
 
 
-VLLM_LOCK = "/tmp/ssb-vllm.lock"  # one vLLM instance at a time on a shared machine
+VLLM_LOCK = "/tmp/ssb-vllm.lock"  # one vLLM instance at a time on a shared machine (env SSB_VLLM_LOCK)
 
 
 def _lock_holders(path: str) -> set[int]:
@@ -139,12 +139,13 @@ def _ancestors() -> set[int]:
 
 
 @contextlib.contextmanager
-def vllm_lock(path: str = VLLM_LOCK) -> Iterator[None]:
+def vllm_lock(path: str | None = None) -> Iterator[None]:
     """Hold the machine-wide vLLM lock, unless this process or an ancestor already does.
 
     ``flock /tmp/ssb-vllm.lock pytest ...`` holds it in the ``flock`` parent; locking again on a new file
     description would then wait forever on ourselves.
     """
+    path = path or os.environ.get("SSB_VLLM_LOCK", VLLM_LOCK)
     with open(path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
