@@ -64,20 +64,23 @@ def kind(figure: str) -> str | None:
     return None
 
 
-def from_pytest_benchmark(data: dict[str, Any]) -> dict[str, Any]:
-    """A raw pytest-benchmark JSON (``--benchmark-json``) as one suite: numeric ``extra_info`` values that
-    :func:`kind` tracks become figures (plus the timer's ``time_min_s``), the rest params."""
+def from_pytest_benchmark(data: dict[str, Any], *, skip_recorded: bool = False) -> dict[str, Any]:
+    """A raw pytest-benchmark JSON (``--benchmark-json``, bench/kd_gpu.py) as one suite: numeric ``extra_info``
+    values that :func:`kind` tracks become figures (plus the timer's ``time_min_s``), the rest params.
+    ``skip_recorded`` leaves out benchmarks that ``bench_record`` also wrote to a suite file."""
     ssb = data.get("ssb") or {}
     device = ssb.get("device") or data.get("machine_info", {}).get("device", "?")
     meta = {"device": device, "device_type": "cpu" if str(device).startswith("cpu") else "cuda",
-            "commit": ssb.get("commit"), "quick": ssb.get("quick")}  # fmt: skip
+            "commit": ssb.get("commit"), "quick": ssb.get("quick"), "time": data.get("datetime")}  # fmt: skip
     entries = {}
     for b in data["benchmarks"]:
         info = b.get("extra_info") or {}
+        if skip_recorded and "bench_suite" in info:
+            continue
         figures = {k: v for k, v in info.items() if kind(k) and isinstance(v, int | float) and not isinstance(v, bool)}
         params = {k: v for k, v in info.items() if k not in figures and k not in ("device", "torch", "triton")}
         figures["time_min_s"] = b["stats"]["min"]
-        entries[b["fullname"]] = {"params": params, "figures": figures, "meta": meta}
+        entries[b.get("fullname") or b["name"]] = {"params": params, "figures": figures, "meta": meta}
     return {"suite": "pytest-benchmark", "entries": entries}
 
 
@@ -92,29 +95,40 @@ def _is_raw(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("benchmarks"), list)
 
 
-def load_set(path: str | Path, *, raw: bool = False) -> dict[str, dict[str, Any]]:
-    """Flatten a results folder, one suite file, or a combined/baseline file into ``{"suite/entry": entry}``.
+def load_set(path: str | Path, *, in_folder: bool = False, skipped: list[str] | None = None) -> dict[str, dict]:
+    """Flatten results into ``{"suite/entry": entry}``: a folder, one suite file, a combined/baseline file, or a
+    raw pytest-benchmark JSON.
 
-    A raw pytest-benchmark JSON file is read when named; in a folder it is skipped unless ``raw`` (its figures
-    are also in the suite files that ``bench_record`` writes). The same name from two devices (a folder holding
-    CPU suite files and a GPU run's combined file) keeps both, the later one as ``name@device``.
+    In a folder, raw pytest-benchmark files contribute only the benchmarks that did not also go through
+    ``bench_record`` (no double counting); the same name from the same device keeps the newest entry (runs at
+    several commits), and from another device both are kept, the later one as ``name@device``. With a
+    ``skipped`` list, unreadable files in a folder are noted there instead of raising.
     """
     path = Path(path)
     if path.is_dir():
         out: dict[str, dict[str, Any]] = {}
         for f in sorted(path.glob("*.json")):
-            if not raw and _is_raw(_read(f)):
+            try:
+                flat = load_set(f, in_folder=True)
+            except (OSError, ValueError) as e:
+                if skipped is None:
+                    raise
+                skipped.append(str(e))
                 continue
-            for name, entry in load_set(f, raw=raw).items():
-                if name in out and out[name].get("meta", {}).get("device") != entry.get("meta", {}).get("device"):
-                    name = f"{name}@{entry.get('meta', {}).get('device', '?')}"
-                out[name] = entry
+            for name, entry in flat.items():
+                old = out.get(name)
+                device = entry.get("meta", {}).get("device", "?")
+                if old is not None and old.get("meta", {}).get("device", "?") != device:
+                    name = f"{name}@{device}"
+                    old = out.get(name)
+                if old is None or str(entry.get("meta", {}).get("time")) >= str(old.get("meta", {}).get("time")):
+                    out[name] = entry
         return out
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file or folder")
     data = _read(path)
     if _is_raw(data):
-        data = from_pytest_benchmark(data)
+        data = from_pytest_benchmark(data, skip_recorded=in_folder)
     if isinstance(data, dict) and isinstance(data.get("suites"), dict):
         suites = data["suites"]
     elif isinstance(data, dict) and isinstance(data.get("entries"), dict):
@@ -130,16 +144,21 @@ def load_set(path: str | Path, *, raw: bool = False) -> dict[str, dict[str, Any]
     return out
 
 
-def combine(results: str | Path) -> dict[str, Any]:
-    """The suite files of a results folder as one ``{"devices", "suites": {...}}`` object (baselines, gpu.sh).
+def load_many(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """:func:`load_set` over several files/folders; a later path's entry replaces an earlier one of that name."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        out.update(load_set(p))
+    return out
 
-    Raw pytest-benchmark files and combined files in the folder are left out.
-    """
-    suites = {}
-    for f in sorted(Path(results).glob("*.json")):
-        data = _read(f)
-        if isinstance(data, dict) and isinstance(data.get("entries"), dict) and data["entries"]:
-            suites[data.get("suite") or f.stem] = data
+
+def combine(paths: list[str | Path]) -> dict[str, Any]:
+    """Everything :func:`load_many` reads, regrouped by suite as ``{"devices", "suites": {...}}`` (baselines,
+    gpu.sh); loading the written file gives back the same ``suite/entry`` names."""
+    suites: dict[str, dict[str, Any]] = {}
+    for key, entry in load_many(paths).items():
+        suite, name = key.split("/", 1)
+        suites.setdefault(suite, {"suite": suite, "entries": {}})["entries"][name] = entry
     devices = sorted({e.get("meta", {}).get("device", "?") for s in suites.values() for e in s["entries"].values()})
     return {"devices": devices, "suites": suites}
 
@@ -224,7 +243,7 @@ def default_baseline() -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--results", default=str(common.results_dir()), help="results folder or file (default: %(default)s)"
+        "--results", nargs="+", default=[str(common.results_dir())], help="results folders/files (default: %(default)s)"
     )
     ap.add_argument("--baseline", default=None, help="baseline file (default: bench/baselines/<this device>.json)")
     ap.add_argument("--save", action="store_true", help="write the results as the baseline instead of comparing")
@@ -247,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             n = sum(len(s["entries"]) for s in combined["suites"].values())
             print(f"saved {n} entries from {len(combined['suites'])} suites to {baseline}")
             return 0
-        base, new = load_set(baseline), load_set(args.results)
+        base, new = load_set(baseline), load_many(args.results)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows, notes = compare(base, new, time_margin=args.time_margin, memory_margin=args.memory_margin,
                           dedicated=args.dedicated, gate_time=not args.no_time)  # fmt: skip
-    print(f"baseline {baseline}  vs  results {args.results}\n")
+    print(f"baseline {baseline}  vs  results {' '.join(args.results)}\n")
     print(table(rows, everything=args.all))
     for note in notes:
         print(f"note: {note}")

@@ -148,7 +148,10 @@ def record(
         data["entries"][name] = entry
         atomic_write_json(path, data)
     if benchmark is not None:
-        benchmark.extra_info.update({**entry["params"], **figs, "device": entry["meta"]["device"]})
+        # bench_suite marks figures already in a suite file, so readers of the raw JSON do not count them twice
+        benchmark.extra_info.update(
+            {**entry["params"], **figs, "device": entry["meta"]["device"], "bench_suite": suite}
+        )
     return entry
 
 

@@ -61,18 +61,32 @@ class Row:
 
 
 def load_rows(paths: list[Path]) -> list[Row]:
-    """Rows from result files / folders, in file then entry order (no de-duplication across files)."""
+    """Rows from result files / folders (see ``check.load_set``: newest run per benchmark and device);
+    unreadable or foreign files are named on stderr and skipped."""
     rows: list[Row] = []
     for p in paths:
-        files = sorted(p.glob("*.json")) if p.is_dir() else [p]
-        for f in files:
-            try:
-                flat = check.load_set(f)
-            except (OSError, ValueError) as e:  # missing, old-format or foreign JSON file: say so, skip it
-                print(f"skipped {e}", file=sys.stderr)
-                continue
-            rows.extend(Row(f.name, name, entry) for name, entry in flat.items())
+        skipped: list[str] = []
+        try:
+            flat = check.load_set(p, skipped=skipped)
+        except (OSError, ValueError) as e:
+            skipped.append(str(e))
+            flat = {}
+        for msg in skipped:
+            print(f"skipped {msg}", file=sys.stderr)
+        rows.extend(Row(p.name, name, entry) for name, entry in flat.items())
     return rows
+
+
+def default_paths() -> list[str]:
+    """bench/results and each folder in it (bench/gpu.sh writes one per device and commit)."""
+    top = common.results_dir()
+    return [str(top), *(str(d) for d in sorted(top.iterdir()) if d.is_dir())] if top.is_dir() else [str(top)]
+
+
+def seq_len(row: Row) -> int | None:
+    """The sequence length of a row: ``seq_len``, or ``n`` (distilled rows) for the kernel suite."""
+    v = row.params.get("seq_len", row.params.get("n"))
+    return int(v) if isinstance(v, int | float) else None
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -89,6 +103,15 @@ def _others(row: Row) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in keep[:3]) or "-"
 
 
+def display_name(row: Row) -> str:
+    """``kd/cpu-small-eager`` for a raw pytest-benchmark row, the ``suite/entry`` name otherwise."""
+    if row.name.startswith("pytest-benchmark/"):
+        path, _, test = row.name.removeprefix("pytest-benchmark/").partition("::")
+        suite = Path(path).stem.removeprefix("test_bench_")
+        return f"{suite}/{test.partition('[')[2].rstrip(']') or test}"
+    return row.name
+
+
 def table(rows: list[Row]) -> str:
     """The markdown performance table; one row per entry, each naming its hardware and commit."""
     head = "| benchmark | provider | seq len | tokens/s | peak memory | other | hardware | commit |"
@@ -99,7 +122,7 @@ def table(rows: list[Row]) -> str:
         commit = (m.get("commit") or "?") + ("+" if m.get("dirty") else "")
         quick = " (quick)" if m.get("quick") else ""
         lines.append(
-            f"| {r.name}{quick} | {p.get('provider', '-')} | {p.get('seq_len', '-')} | {_fmt(r.tokens_per_s())} | "
+            f"| {display_name(r)}{quick} | {p.get('provider', '-')} | {seq_len(r) or '-'} | {_fmt(r.tokens_per_s())} | "
             f"{_fmt(mem, ' MiB')} | {_others(r)} | {m.get('device', '?')} | {commit} |"
         )
     return "\n".join(lines)
@@ -152,12 +175,12 @@ def plot(rows: list[Row], out: Path) -> int:
 
     series: dict[str, list[tuple[float, float | None, float | None]]] = {}
     for r in rows:
-        if "seq_len" not in r.params:
+        if seq_len(r) is None:
             continue
-        suite = r.name.split("/", 1)[0]
+        suite = display_name(r).split("/", 1)[0]
         shape = r.params.get("shape", "")
         key = f"{suite} {shape} {r.params.get('provider', '?')} [{r.meta.get('device', '?')}]".replace("  ", " ")
-        series.setdefault(key, []).append((float(r.params["seq_len"]), r.tokens_per_s(), r.peak_mib()))
+        series.setdefault(key, []).append((float(seq_len(r)), r.tokens_per_s(), r.peak_mib()))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, pts in sorted(series.items()):
         pts.sort()
@@ -182,12 +205,14 @@ def plot(rows: list[Row], out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="*", default=[str(common.results_dir())], help="results files or folders")
+    ap.add_argument("results", nargs="*", default=None, help="results files or folders (default: bench/results/ "
+                    "and its sub-folders)")  # fmt: skip
     ap.add_argument("--readme", action="store_true", help="print the README section with its markers")
     ap.add_argument("--write", action="store_true", help="with --readme: rewrite the marked section of README.md")
     ap.add_argument("--readme-path", default=str(common.REPO / "README.md"))
     ap.add_argument("--plot", default=None, help="write the PNG plot here (e.g. bench/results/bench.png)")
     args = ap.parse_args(argv)
+    args.results = args.results or default_paths()
     rows = load_rows([Path(p) for p in args.results])
     if not rows:
         print(f"error: no result entries in {args.results}; run `pytest bench --quick` first", file=sys.stderr)

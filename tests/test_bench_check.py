@@ -146,20 +146,30 @@ def test_figure_kinds():
     assert check.kind("warmup_s") is None and check.kind("first_call_s") is None and check.kind("k") is None
 
 
-def test_raw_pytest_benchmark_json_is_read_when_named_and_skipped_in_folders(tmp_path):
-    def raw(tps: float, mb: float) -> dict:
-        bench = {"fullname": "bench/test_bench_kd.py::t[x]", "stats": {"min": 0.5},
-                 "extra_info": {"provider": "eager", "tokens_per_s": tps, "peak_extra_mb": mb}}  # fmt: skip
-        return {"benchmarks": [bench], "ssb": {"device": "cpu-2core-amd-epyc", "commit": "abc", "quick": True}}
+def test_raw_pytest_benchmark_json_by_name_and_in_folders(tmp_path):
+    def raw(tps: float, mb: float, when: str, recorded: bool = False) -> dict:
+        info = {"provider": "eager", "tokens_per_s": tps, "peak_extra_mb": mb}
+        kd = {"fullname": "bench/test_bench_kd.py::t[x]", "stats": {"min": 0.5}, "extra_info": info}
+        other = {"fullname": "bench/test_bench_train.py::t", "stats": {"min": 1.0},
+                 "extra_info": {"tokens_per_s": 1.0, "bench_suite": "train"} if recorded else {}}  # fmt: skip
+        ssb = {"device": "cpu-2core-amd-epyc", "commit": "abc", "quick": True}
+        return {"benchmarks": [kd, other], "ssb": ssb, "datetime": when}
 
-    (tmp_path / "a.json").write_text(json.dumps(raw(100.0, 50.0)))
-    (tmp_path / "b.json").write_text(json.dumps(raw(100.0, 60.0)))  # +20% memory
-    flat = check.load_set(tmp_path / "a.json")
-    (entry,) = flat.values()
+    (tmp_path / "a.json").write_text(json.dumps(raw(100.0, 50.0, "2026-11-24T09:00", recorded=True)))
+    (tmp_path / "b.json").write_text(json.dumps(raw(100.0, 60.0, "2026-11-24T10:00")))  # +20% memory, newer
+    entry = check.load_set(tmp_path / "a.json")["pytest-benchmark/bench/test_bench_kd.py::t[x]"]
     assert entry["figures"] == {"tokens_per_s": 100.0, "peak_extra_mb": 50.0, "time_min_s": 0.5}
     assert entry["params"] == {"provider": "eager"} and entry["meta"]["device_type"] == "cpu"
     assert check.main(["--baseline", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json")]) == 1
-    assert check.load_set(tmp_path) == {}  # folders hold the suite files; raw files are the run's archive
+    # a folder keeps the newest run of each benchmark; figures bench_record also wrote to a suite file are left out
+    (tmp_path / "c.json").write_text(json.dumps(raw(100.0, 40.0, "2026-11-24T08:00")))  # older, sorts last
+    folder = check.load_set(tmp_path)
+    assert folder["pytest-benchmark/bench/test_bench_kd.py::t[x]"]["figures"]["peak_extra_mb"] == 60.0
+    assert "pytest-benchmark/bench/test_bench_train.py::t" in folder  # b.json's copy was not recorded
+    only_a = tmp_path / "only_a"
+    only_a.mkdir()
+    (only_a / "a.json").write_text(json.dumps(raw(100.0, 50.0, "2026-11-24T09:00", recorded=True)))
+    assert list(check.load_set(only_a)) == ["pytest-benchmark/bench/test_bench_kd.py::t[x]"]
 
 
 def test_same_entry_from_two_devices_in_one_folder_keeps_both(tmp_path):
