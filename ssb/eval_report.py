@@ -109,8 +109,10 @@ def plot_runs(runs: Sequence[dict], path: str | Path, *, metric: str = "pass@k",
             err_lo.append(100 * (v - lo))
             err_hi.append(100 * (hi - v))
         pos = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(pos, vals, width, yerr=[err_lo, err_hi], capsize=3, label=run["label"])
-        ax.bar_label(bars, labels=[f"{v:.1f}" if v == v else "" for v in vals], fontsize=7, label_type="center")
+        ax.bar(pos, vals, width, yerr=[err_lo, err_hi], capsize=3, label=run["label"])
+        for xp, v, e in zip(pos, vals, err_hi):
+            if v == v:  # value above its error bar, readable for small and large bars alike
+                ax.text(xp, v + e + 1.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, benches)
     ax.set_ylabel(f"{metric.replace('@k', '@' + k)} (%)")
     ax.set_ylim(0, 105)

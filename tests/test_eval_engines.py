@@ -36,11 +36,11 @@ def random_adapter(toy_model_dir, tmp_path_factory):
 
 
 def _eval_pair(engine, model_dir, bench, out, adapter):
-    """Base then adapter through one engine, greedy (so two engines can agree), on the toy student view."""
+    """Base then adapter through one engine, greedy (so two engines can agree), on the toy test split."""
     model_cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
     engine_cfg = EngineConfig(backend=engine.backend, batch_size=N_PROBLEMS)
-    eval_cfg = EvalConfig(benchmarks=(bench,), protocol="ssb-paper", temperature=0.0, max_new_tokens=160,
-                          grader_workers=0, bootstrap=200)  # fmt: skip
+    eval_cfg = EvalConfig(benchmarks=(bench,), protocol="ssb-paper", temperature=0.0, max_new_tokens=128,
+                          limit=N_PROBLEMS, grader_workers=0, bootstrap=200)  # fmt: skip
     base = evaluate(model_cfg, engine_cfg, eval_cfg, out / "base", engine=engine, label="base")
     lora = evaluate(model_cfg, engine_cfg, eval_cfg, out / "lora", adapter=adapter, engine=engine, label="lora")
     return base, lora
@@ -54,15 +54,12 @@ def _samples(res):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_both_engines_give_identical_verdicts_for_identical_texts(toy_model_dir, vllm_engine, random_adapter, tmp_path):
-    from ssb.toy import write_splits
-
-    _, test_split = write_splits(tmp_path / "toy", 1, N_PROBLEMS, seed=0)
     hf = make_engine(ModelConfig(name_or_path=str(toy_model_dir), dtype="float32"), EngineConfig(backend="hf"))
     try:
-        hf_runs = _eval_pair(hf, toy_model_dir, str(test_split), tmp_path / "hf", random_adapter)
+        hf_runs = _eval_pair(hf, toy_model_dir, "toy", tmp_path / "hf", random_adapter)
     finally:
         hf.close()
-    vllm_runs = _eval_pair(vllm_engine, toy_model_dir, str(test_split), tmp_path / "vllm", random_adapter)
+    vllm_runs = _eval_pair(vllm_engine, toy_model_dir, "toy", tmp_path / "vllm", random_adapter)
     same_text = 0
     for hf_res, vl_res in zip(hf_runs, vllm_runs, strict=True):
         a, b = _samples(hf_res), _samples(vl_res)
