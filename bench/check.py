@@ -101,7 +101,8 @@ def load_set(path: str | Path, *, in_folder: bool = False, skipped: list[str] | 
 
     In a folder, raw pytest-benchmark files contribute only the benchmarks that did not also go through
     ``bench_record`` (no double counting); the same name from the same device keeps the newest entry (runs at
-    several commits), and from another device both are kept, the later one as ``name@device``. With a
+    several commits), and from another device both are kept, the later one as ``name@device``. Raw entries
+    of a suite that also has a suite file there (same device type) are left out as older archives. With a
     ``skipped`` list, unreadable files in a folder are noted there instead of raising.
     """
     path = Path(path)
@@ -123,7 +124,9 @@ def load_set(path: str | Path, *, in_folder: bool = False, skipped: list[str] | 
                     old = out.get(name)
                 if old is None or str(entry.get("meta", {}).get("time")) >= str(old.get("meta", {}).get("time")):
                     out[name] = entry
-        return out
+        # a raw run of a suite is superseded by that suite's file for the same device type (older archives)
+        have = {(k.split("/", 1)[0], e.get("meta", {}).get("device_type")) for k, e in out.items()}
+        return {k: e for k, e in out.items() if (raw_suite(k), e.get("meta", {}).get("device_type")) not in have}
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file or folder")
     data = _read(path)
@@ -142,6 +145,13 @@ def load_set(path: str | Path, *, in_folder: bool = False, skipped: list[str] | 
                 raise ValueError(f"{path}: entry {suite}/{name} has no 'figures' object")
             out[f"{suite}/{name}"] = entry
     return out
+
+
+def raw_suite(name: str) -> str | None:
+    """``kd`` for ``pytest-benchmark/bench/test_bench_kd.py::...``; None for suite-file names."""
+    if not name.startswith("pytest-benchmark/"):
+        return None
+    return Path(name.removeprefix("pytest-benchmark/").partition("::")[0]).stem.removeprefix("test_bench_")
 
 
 def load_many(paths: list[str | Path]) -> dict[str, dict[str, Any]]:

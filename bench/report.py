@@ -105,9 +105,9 @@ def _others(row: Row) -> str:
 
 def display_name(row: Row) -> str:
     """``kd/cpu-small-eager`` for a raw pytest-benchmark row, the ``suite/entry`` name otherwise."""
-    if row.name.startswith("pytest-benchmark/"):
-        path, _, test = row.name.removeprefix("pytest-benchmark/").partition("::")
-        suite = Path(path).stem.removeprefix("test_bench_")
+    suite = check.raw_suite(row.name)
+    if suite is not None:
+        test = row.name.partition("::")[2]
         return f"{suite}/{test.partition('[')[2].rstrip(']') or test}"
     return row.name
 

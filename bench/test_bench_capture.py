@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from common import peak_memory
 
 from ssb.config import load_config
 from ssb.files import atomic_write_jsonl
@@ -71,7 +72,8 @@ def _run(benchmark, bench_record, root, backend_name: str, make_backend) -> dict
     out = root / f"store-{backend_name}"
     run = lambda: capture(cfg, root / "teacher.jsonl", root / "student.jsonl", out, backend=backend)  # noqa: E731
     try:
-        m = benchmark.pedantic(run, setup=lambda: shutil.rmtree(out, ignore_errors=True), rounds=1, iterations=1)
+        with peak_memory("cpu") as peak:  # this process only: vLLM's engine core may run in a child
+            m = benchmark.pedantic(run, setup=lambda: shutil.rmtree(out, ignore_errors=True), rounds=1, iterations=1)
     finally:
         if hasattr(backend, "close"):
             backend.close()
@@ -83,6 +85,7 @@ def _run(benchmark, bench_record, root, backend_name: str, make_backend) -> dict
         "rows_per_s": rows / seconds,
         "capture_s": seconds,
         "startup_s": startup,
+        "peak_memory_mib": peak.peak_mib if backend_name == "hf" else None,
         "bytes_per_row": bpr,
         "bytes_per_row_bound": 8 * K + 16,
         "dense_fp32_bytes_per_row_qwen": 4 * QWEN_VOCAB,
@@ -95,17 +98,17 @@ def _run(benchmark, bench_record, root, backend_name: str, make_backend) -> dict
     return figures
 
 
-@pytest.mark.bench
 def test_bench_capture_hf(benchmark, bench_record, setup):
     info = _run(benchmark, bench_record, setup, "hf", lambda cfg: HFCapture(cfg))
     assert info["bytes_per_row"] <= 8 * K + 16  # the storage target with float32 values
 
 
-@pytest.mark.bench
 @pytest.mark.vllm
 def test_bench_capture_vllm(benchmark, bench_record, setup):
     pytest.importorskip("vllm")
+    from ssb.engines import vllm_lock
     from ssb.teacher_vllm import VLLMCapture
 
-    info = _run(benchmark, bench_record, setup, "vllm", lambda cfg: VLLMCapture(cfg))
+    with vllm_lock():  # one vLLM instance at a time on a shared machine
+        info = _run(benchmark, bench_record, setup, "vllm", lambda cfg: VLLMCapture(cfg))
     assert info["bytes_per_row"] <= 8 * K + 16

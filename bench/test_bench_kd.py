@@ -8,6 +8,7 @@ fused linear CE, ``cce`` Apple's cut cross-entropy: same GEMM work, a different 
 input), the speed-of-light. extra_info: tokens/s, TFLOP/s at 4NHV useful FLOPs (forward logits + grad
 input), fraction of peak (CUDA), peak extra memory (CUDA allocator; on CPU, the peak RSS growth of a fresh
 process, bench/kd_peak.py), device and versions. Compile/first-call time is reported as first_call_s.
+Figures go to ``bench/results/kd.json`` (``bench_record``) and the run's pytest-benchmark JSON.
 """
 
 from __future__ import annotations
@@ -23,22 +24,13 @@ from shapes import INTERPRETER_SHAPES, KDShape, make_kd_inputs, shapes_for
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _quick(config) -> bool:
-    try:
-        return bool(config.getoption("--quick"))
-    except ValueError:
-        return False
-
-
 def _cases():
     shapes = shapes_for(DEVICE, quick=False) + (INTERPRETER_SHAPES if DEVICE.type != "cuda" else ())
     return [pytest.param(s, p, id=f"{s.name}-{p}") for s in shapes for p in PROVIDERS]
 
 
-@pytest.mark.bench
 @pytest.mark.parametrize("shape,provider", _cases())
-def test_bench_sparse_kd(benchmark, request, shape: KDShape, provider: str):
-    quick = _quick(request.config)
+def test_bench_sparse_kd(benchmark, bench_record, quick, shape: KDShape, provider: str):
     if shape not in shapes_for(DEVICE, quick) and shape not in INTERPRETER_SHAPES:
         pytest.skip("not in the --quick shape set")
     reason = skip_reason(shape, provider, DEVICE)
@@ -61,4 +53,11 @@ def test_bench_sparse_kd(benchmark, request, shape: KDShape, provider: str):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = peak_extra_mb(shape.name, provider) if provider in ("eager", "chunked") else None
-    benchmark.extra_info.update(figures(shape, provider, benchmark.stats.stats.min, first_s, peak))
+    info = figures(shape, provider, benchmark.stats.stats.min, first_s, peak)
+    figs = {
+        k: info.get(k) for k in ("tokens_per_s", "tflops_4nhv", "fraction_of_peak", "peak_extra_mib", "first_call_s")
+    }
+    figs["time_min_s"] = benchmark.stats.stats.min
+    params = {k: info[k] for k in ("shape", "provider", "n", "h", "v", "k", "dtype") if k in info}
+    params.update(seq_len=shape.n, triton_interpret=info.get("triton_interpret"))
+    bench_record("kd", f"{shape.name}/{provider}/{DEVICE.type}", figs, params, device=DEVICE, benchmark=benchmark)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from common import peak_memory
 
 from ssb.config import EngineConfig, ModelConfig
 from ssb.engines import Sampling, make_engine, vllm_lock
@@ -72,16 +73,18 @@ def test_rollout_throughput(provider, workload, benchmark, bench_record, quick):
     if provider == "vllm":
         pytest.importorskip("vllm")
     with vllm_lock() if provider == "vllm" else contextlib.nullcontext():
-        _measure(provider, model_cfg, convs, sampling, benchmark, bench_record)
+        _measure(provider, model_cfg, convs, sampling, benchmark, bench_record, quick)
 
 
-def _measure(provider, model_cfg, convs, sampling, benchmark, bench_record) -> None:
+def _measure(provider, model_cfg, convs, sampling, benchmark, bench_record, quick: bool) -> None:
     t0 = time.perf_counter()
     engine = make_engine(
         model_cfg,
         EngineConfig(backend="hf" if provider.startswith("hf") else "vllm", batch_size=len(convs), enforce_eager=True),
     )
     startup = time.perf_counter() - t0
+    if provider == "hf-reference" and quick:
+        convs = convs[:2]  # one sequence at a time: its rate does not depend on how many; --quick keeps it short
     try:
         if provider == "hf-reference":
             run = lambda: _reference(engine.model, engine.tokenizer, convs, sampling)  # noqa: E731
@@ -89,13 +92,15 @@ def _measure(provider, model_cfg, convs, sampling, benchmark, bench_record) -> N
             run = lambda: _engine_tokens(engine, convs, sampling)  # noqa: E731
             _engine_tokens(engine, convs[:1], Sampling(n=1, max_new_tokens=8))  # warm-up (allocations, caches)
         t0 = time.perf_counter()
-        tokens = benchmark.pedantic(run, rounds=1, iterations=1)
+        with peak_memory("cpu") as peak:  # this process only: vLLM's engine core may run in a child
+            tokens = benchmark.pedantic(run, rounds=1, iterations=1)
         wall = time.perf_counter() - t0
     finally:
         engine.close()
     tps = tokens / wall
     RESULTS[provider] = tps
     figures = {"tokens_per_s": tps, "generated_tokens": tokens, "generate_s": wall, "startup_s": startup}
+    figures["peak_memory_mib"] = peak.peak_mib if provider != "vllm" else None
     if provider != "hf-reference" and "hf-reference" in RESULTS:
         figures["speedup_vs_reference"] = tps / RESULTS["hf-reference"]
     params = {"provider": provider, "shape": "toy", "problems": len(convs), "k": K, "max_new_tokens": 256}

@@ -166,6 +166,10 @@ def test_raw_pytest_benchmark_json_by_name_and_in_folders(tmp_path):
     folder = check.load_set(tmp_path)
     assert folder["pytest-benchmark/bench/test_bench_kd.py::t[x]"]["figures"]["peak_extra_mb"] == 60.0
     assert "pytest-benchmark/bench/test_bench_train.py::t" in folder  # b.json's copy was not recorded
+    (tmp_path / "kd.json").write_text(
+        json.dumps({"suite": "kd", "entries": {"x/eager/cpu": _entry("cpu", tokens_per_s=1.0)}})
+    )
+    assert sorted(check.load_set(tmp_path)) == ["kd/x/eager/cpu", "pytest-benchmark/bench/test_bench_train.py::t"]
     only_a = tmp_path / "only_a"
     only_a.mkdir()
     (only_a / "a.json").write_text(json.dumps(raw(100.0, 50.0, "2026-11-24T09:00", recorded=True)))
