@@ -140,7 +140,7 @@ def readme_section(rows: list[Row], plot: str | None) -> str:
             "No GPU was lent while this was written: there are no GPU rows yet. `bash bench/gpu.sh` on a bare "
             "H100/H200 runs the GPU suite (< 10 min) and writes `bench/results/<device>-<commit>.json`."
         )
-    body = [START, "", table(rows), "", *notes]
+    body = [START, "", table(rows), "", "\n\n".join(notes)]
     if plot:
         body += ["", f"![tokens/s and peak memory vs sequence length]({plot})"]
     return "\n".join([*body, "", END])
@@ -178,7 +178,9 @@ def plot(rows: list[Row], out: Path) -> int:
         if seq_len(r) is None:
             continue
         suite = display_name(r).split("/", 1)[0]
-        shape = r.params.get("shape", "")
+        # one line per model size: the kernel suite's shapes differ only in N (the x axis), so key on H x V there
+        p = r.params
+        shape = f"H{p['h']} V{p['v']}" if "h" in p and "v" in p else p.get("shape", "")
         key = f"{suite} {shape} {r.params.get('provider', '?')} [{r.meta.get('device', '?')}]".replace("  ", " ")
         series.setdefault(key, []).append((float(seq_len(r)), r.tokens_per_s(), r.peak_mib()))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

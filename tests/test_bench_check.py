@@ -160,7 +160,8 @@ def test_raw_pytest_benchmark_json_by_name_and_in_folders(tmp_path):
     entry = check.load_set(tmp_path / "a.json")["pytest-benchmark/bench/test_bench_kd.py::t[x]"]
     assert entry["figures"] == {"tokens_per_s": 100.0, "peak_extra_mb": 50.0, "time_min_s": 0.5}
     assert entry["params"] == {"provider": "eager"} and entry["meta"]["device_type"] == "cpu"
-    assert check.main(["--baseline", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json")]) == 1
+    args = ["--baseline", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json")]
+    assert check.main([*args, "--memory-slack-mib", "0"]) == 1
     # a folder keeps the newest run of each benchmark; figures bench_record also wrote to a suite file are left out
     (tmp_path / "c.json").write_text(json.dumps(raw(100.0, 40.0, "2026-11-24T08:00")))  # older, sorts last
     folder = check.load_set(tmp_path)
@@ -184,3 +185,27 @@ def test_same_entry_from_two_devices_in_one_folder_keeps_both(tmp_path):
     flat = check.load_set(tmp_path)
     assert len(flat) == 2 and "train/toy" in flat  # files in name order: the CPU entry comes second, renamed
     assert flat["train/toy@AMD EPYC, 2 cores (CPU)"]["figures"]["tokens_per_s"] == 1.0
+
+
+def test_memory_slack_absorbs_small_absolute_growth_only(tmp_path):
+    base = {"kd": {"suite": "kd", "entries": {"small": _entry("cpu", peak_extra_mib=100.0)}}}
+    new = {"kd": {"suite": "kd", "entries": {"small": _entry("cpu", peak_extra_mib=107.0)}}}  # +7%, +7 MiB
+    _write(tmp_path / "base", base)
+    _write(tmp_path / "new", new)
+    args = ["--baseline", str(tmp_path / "base"), "--results", str(tmp_path / "new")]
+    assert check.main(args) == 0  # within the default 32 MiB slack
+    assert check.main([*args, "--memory-slack-mib", "0"]) == 1
+
+
+def test_save_merge_keeps_the_worse_of_two_runs(tmp_path):
+    baseline = tmp_path / "baseline.json"
+    run1 = _write(tmp_path / "run1", BASE)
+    noisy = copy.deepcopy(BASE)
+    noisy["train"]["entries"]["toy/fused/cpu"]["figures"].update(peak_memory_mib=900.0, tokens_per_s=400.0)
+    run2 = _write(tmp_path / "run2", noisy)
+    assert check.main(["--save", "--results", str(run1), "--baseline", str(baseline)]) == 0
+    assert check.main(["--save", "--merge", "--results", str(run2), "--baseline", str(baseline)]) == 0
+    merged = json.loads(baseline.read_text())["suites"]["train"]["entries"]["toy/fused/cpu"]
+    assert merged["figures"]["peak_memory_mib"] == 900.0 and merged["figures"]["tokens_per_s"] == 400.0
+    assert merged["meta"]["merged_runs"] == 2
+    assert check.main(["--results", str(run1), "--baseline", str(baseline)]) == 0  # the better run passes
