@@ -64,6 +64,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class CurateConfig:
     target_pairs: int = 256
+    attempts: int = 1  # robust solutions sampled per problem; the first correct one is kept (paper: 1)
     temperature: float = 0.4
     top_k: int = 50
     top_p: float = 1.0

@@ -121,7 +121,12 @@ def judge_solution(text: str, finish_reason: str, gold: str) -> str:
 def curate_sampling(cfg: SSBConfig) -> Sampling:
     c = cfg.curate
     return Sampling(
-        n=1, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, max_new_tokens=c.max_new_tokens, seed=c.seed
+        n=c.attempts,
+        temperature=c.temperature,
+        top_k=c.top_k,
+        top_p=c.top_p,
+        max_new_tokens=c.max_new_tokens,
+        seed=c.seed,
     )
 
 
@@ -200,12 +205,19 @@ def _generate_batch(engine: Engine, chunk: list, sampling: Sampling, max_model_l
         else:
             todo.append((rec, conv, p["answer"]))
     outs = engine.generate([c for _, c, _ in todo], sampling, seed_keys=[r["id"] for r, _, _ in todo])
-    for (rec, _, gold), (comp,) in zip(todo, outs):
+    for (rec, _, gold), comps in zip(todo, outs):
+        # curate.attempts > 1: the first correct attempt is kept (else the first attempt's verdict stands);
+        # every attempt's verdict is recorded, so the hinted teacher's accuracy stays measurable.
+        verdicts = [judge_solution(c.text, c.finish_reason, gold) for c in comps]
+        pick = verdicts.index("kept") if "kept" in verdicts else 0
+        comp = comps[pick]
         rec.update(
-            status=judge_solution(comp.text, comp.finish_reason, gold),
+            status=verdicts[pick],
             solution=comp.text,
             finish_reason=comp.finish_reason,
             num_tokens=comp.num_tokens,
+            attempt=pick,
+            attempt_statuses=verdicts,
         )
     return records
 

@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=PretrainConfig.lr)
     p.add_argument("--warmup", type=int, default=PretrainConfig.warmup)
     p.add_argument("--init", default=None, help="continue from this asset directory (weights + tokenizer)")
+    p.add_argument("--mix", type=float, nargs=3, default=PretrainConfig.mix, help="bare, hinted, drill batch shares")
     m = sub.add_parser("measure", help="bare/hinted accuracy, copy rate, misconception share (vLLM)")
     m.add_argument("--model", default=str(toy.asset_path()))
     m.add_argument("--n", type=int, default=200)
@@ -267,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "pretrain":
         cfg = PretrainConfig(
-            seed=args.seed, steps=args.steps, save_every=args.save_every, lr=args.lr, warmup=args.warmup
-        )
+            seed=args.seed, steps=args.steps, save_every=args.save_every, lr=args.lr, warmup=args.warmup,
+            mix=tuple(args.mix),
+        )  # fmt: skip
         pretrain(cfg, Path(args.out), Path(args.init) if args.init else None)
         return 0
     from ssb.toy_measure import measure

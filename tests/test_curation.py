@@ -196,3 +196,27 @@ def test_malformed_rollout_line_is_reported(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"rollouts.jsonl:6: field 'correct'"):
         read_rollouts(path.parent)
+
+
+def test_attempts_keep_the_first_correct_robust_solution():
+    """curate.attempts=N samples N robust solutions; the first correct one is kept, every verdict recorded."""
+    from ssb.curation import _generate_batch
+
+    class Attempts:
+        tokenizer = None
+
+        def __init__(self, texts):
+            self.texts = texts
+
+        def generate(self, conversations, sampling, *, lora=None, seed_keys=None):
+            return [[Completion(t, (1,), "stop") for t in self.texts[: sampling.n]] for _ in conversations]
+
+    problem = {"id": "p0", "question": "q", "answer": "4"}
+    choice = {"correct_text": "\\boxed{4}", "wrong_text": "\\boxed{5}", "wrong_answer": "5"}
+    texts = ["\\boxed{5}", "no box", "\\boxed{4} careful", "\\boxed{4} again"]
+    for n, status, attempt in [(1, "robust_wrong", 0), (2, "robust_wrong", 0), (4, "kept", 2)]:
+        sampling = Sampling(n=n, temperature=0.4, top_k=50, top_p=1.0, max_new_tokens=8, seed=0)
+        (rec,) = _generate_batch(Attempts(texts), [(problem, choice)], sampling, None)
+        assert (rec["status"], rec["attempt"]) == (status, attempt)
+        assert rec["attempt_statuses"] == [judge_solution(t, "stop", "4") for t in texts[:n]]
+        assert rec["solution"] == texts[attempt]
