@@ -115,8 +115,8 @@ def build_report(cfg: SSBConfig) -> dict:
 
     store = summarize(TeacherStore(store_dir(run_dir)))
     curation = json.loads((run_dir / "curate" / "curation_stats.json").read_text())
-    rollout_stats_path = run_dir / "rollout" / "stats.json"
-    rollout_stats = json.loads(rollout_stats_path.read_text()) if rollout_stats_path.exists() else {}
+    timing_path = run_dir / "rollout" / "timing.json"  # the last rollout session's wall time and tokens
+    rollout_timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     hinted, hinted_n = _hinted_pass1(run_dir)
     stages = load_manifest(run_dir)["stages"]
     report = {
@@ -138,7 +138,7 @@ def build_report(cfg: SSBConfig) -> dict:
         "store": store,
         "stage_seconds": {name: rec.get("seconds") for name, rec in stages.items()},
         "tokens_per_s": {
-            "rollout": rollout_stats.get("generated_tokens_per_s"),
+            "rollout": rollout_timing.get("tokens_per_s"),
             "train_ssb": _mean_metric(run_dir / "train" / "metrics.jsonl", "distilled_tokens_per_s"),
             "train_sft": _mean_metric(run_dir / "train_sft" / "metrics.jsonl", "distilled_tokens_per_s"),
         },

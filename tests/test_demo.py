@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 REDUCED = [
     "data.limit=24",
     "curate.target_pairs=8",
+    "curate.attempts=4",
     "train.max_steps=3",
     "train.batch_size=4",
     "eval.limit=12",
