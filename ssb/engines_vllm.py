@@ -22,6 +22,24 @@ def _cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def platform_kwargs(engine_cfg: EngineConfig) -> dict:
+    """``vllm.LLM`` settings for this machine, shared by the generation engine and vLLM teacher capture."""
+    kwargs: dict = {}
+    if _cpu_platform():
+        # In-process engine core + uni executor: ~4 s start-up, works under pytest, no spawn guard.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+            kwargs["distributed_executor_backend"] = "uni"
+        kwargs["kv_cache_memory_bytes"] = int(engine_cfg.cpu_kv_cache_gib * GiB)
+    else:
+        kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
+        kwargs["tensor_parallel_size"] = engine_cfg.tensor_parallel_size
+    if engine_cfg.max_model_len is not None:
+        kwargs["max_model_len"] = engine_cfg.max_model_len
+    return kwargs
+
+
 class VLLMEngine:
     """Wraps one ``vllm.LLM``. ``.llm`` and ``.tokenizer`` are public for callers that need more (capture)."""
 
@@ -39,19 +57,7 @@ class VLLMEngine:
     ) -> None:
         import torch
 
-        kwargs: dict = {}
-        if _cpu_platform():
-            # In-process engine core + uni executor: ~4 s start-up, works under pytest, no spawn guard.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
-                kwargs["distributed_executor_backend"] = "uni"
-            kwargs["kv_cache_memory_bytes"] = int(engine_cfg.cpu_kv_cache_gib * GiB)
-        else:
-            kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
-            kwargs["tensor_parallel_size"] = engine_cfg.tensor_parallel_size
-        if engine_cfg.max_model_len is not None:
-            kwargs["max_model_len"] = engine_cfg.max_model_len
+        kwargs = platform_kwargs(engine_cfg)
         if max_logprobs is not None:
             kwargs["max_logprobs"] = max_logprobs
         self.adapter = str(adapter) if adapter is not None else None

@@ -10,7 +10,6 @@ SPEC approximation for other temperatures. vLLM materialises (tokens, V) log-pro
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 
@@ -29,21 +28,10 @@ class VLLMCapture:
         # settings as ssb.engines_vllm (in-process engine core, explicit KV cache size) plus capture's own.
         from vllm import LLM
 
-        from ssb.engines_vllm import GiB, _cpu_platform
+        from ssb.engines_vllm import platform_kwargs
 
         m, e = cfg.model, cfg.engine
-        kwargs: dict = {}
-        if _cpu_platform():
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
-                kwargs["distributed_executor_backend"] = "uni"
-            kwargs["kv_cache_memory_bytes"] = int(e.cpu_kv_cache_gib * GiB)
-        else:
-            kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-            kwargs["tensor_parallel_size"] = e.tensor_parallel_size
-        if e.max_model_len is not None:
-            kwargs["max_model_len"] = e.max_model_len
+        kwargs = platform_kwargs(e)
         kwargs.update(llm_kwargs)
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
         try:
