@@ -40,6 +40,22 @@ def platform_kwargs(engine_cfg: EngineConfig) -> dict:
     return kwargs
 
 
+def release_llm(owner) -> None:
+    """Drop ``owner.llm`` (a ``vllm.LLM``) and vLLM's distributed state, so another engine can start here."""
+    llm, owner.llm = getattr(owner, "llm", None), None
+    if llm is None:
+        return
+    del llm
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # noqa: BLE001 - best effort; nothing to free when it was never initialised
+        pass
+
+
 class VLLMEngine:
     """Wraps one ``vllm.LLM``. ``.llm`` and ``.tokenizer`` are public for callers that need more (capture)."""
 
@@ -146,16 +162,4 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine so another one can start in this process."""
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        self.llm = None
-        del llm
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # noqa: BLE001 - best effort; nothing to free when it was never initialised
-            pass
+        release_llm(self)

@@ -9,8 +9,6 @@ SPEC approximation for other temperatures. vLLM materialises (tokens, V) log-pro
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from ssb.config import SSBConfig
@@ -55,18 +53,9 @@ class VLLMCapture:
 
     def close(self) -> None:
         """Free the engine (and its KV cache) so the process can go on or start another."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        del llm
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from ssb.engines_vllm import release_llm
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # noqa: BLE001 - best effort; nothing to free when it was never initialised
-            pass
+        release_llm(self)
 
     def capture(self, items: list, k: int) -> list[StoreExample]:
         """Capture ``items`` (``ssb.teacher.Item``); one StoreExample per item, same order."""
