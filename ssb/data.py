@@ -3,7 +3,9 @@
 ``load_problems(source, split, ...)`` accepts
 
 - an alias: ``"gsm8k"`` (openai/gsm8k, config main), ``"math500"`` (HuggingFaceH4/MATH-500), ``"aime2024"``
-  (HuggingFaceH4/aime_2024), or ``"toy"`` (the toy world's deterministic splits, generated in memory);
+  (HuggingFaceH4/aime_2024), or ``"toy"`` (the toy world's deterministic splits, generated in memory: train,
+  test, and val, the train-split problems after the first 1,000, which rollouts never reach; ``"toy_val"`` is
+  that split as an eval benchmark name, for tuning without touching the test split);
 - a hub name (``"openai/gsm8k"``, any ``owner/name``), loaded with ``datasets.load_dataset``. When the
   environment variable ``SSB_DATASETS_MIRROR`` names a directory holding ``<owner>/<name>/`` (a copy of the hub
   repository: parquet/jsonl files plus its README config), that copy is loaded instead (offline clusters, tests);
@@ -39,7 +41,7 @@ DEFAULT_FIELDS = {
     "id": ("id", "unique_id", "ID"),
 }
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-TOY_SIZES = {"train": 1000, "test": 500}  # toy problems per split without ``limit`` (any limit is a prefix)
+TOY_SIZES = {"train": 1000, "val": 500, "test": 500}  # toy problems per split without ``limit`` (a limit: a prefix)
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,14 @@ def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
         from ssb import toy
     except ImportError as e:
         raise RuntimeError("source 'toy' needs ssb.toy (the toy world), which is not available") from e
-    for i, p in enumerate(toy.problems(split, TOY_SIZES[split] if limit is None else limit, seed=0)):
+    n = TOY_SIZES[split] if limit is None else limit
+    if split == "val":  # the train split's sequence after its first TOY_SIZES["train"] problems
+        drawn = toy.problems("train", TOY_SIZES["train"] + n, seed=0)[TOY_SIZES["train"] :]
+    else:
+        if split == "train" and n > TOY_SIZES["train"]:
+            log.warning("toy train limit %d reaches into the toy val split (train rows >= %d)", n, TOY_SIZES["train"])
+        drawn = toy.problems(split, n, seed=0)
+    for i, p in enumerate(drawn):
         rec = dict(toy.gsm8k_record(p), traps=list(getattr(p, "traps", ())))
         yield f"toy[{split}] row {i}", f"toy/{split}/{i}", rec, None
 
@@ -257,6 +266,8 @@ def _rows(
     key = source.lower()
     if key == "toy":
         return _toy_rows(split, limit), None, "toy"
+    if key == "toy_val":
+        return _toy_rows("val", limit), None, "toy"
     name = key if key in HUB else _BY_PATH.get(key)
     spec = HUB.get(name) if name else None
     path = Path(source).expanduser()

@@ -165,6 +165,19 @@ def test_toy_source_matches_its_split_files(tmp_path):
     assert len(load_problems("toy", "train", limit=1500)) == 1500  # a limit beyond the default size is honoured
 
 
+def test_toy_val_split_is_held_out_from_rollouts_and_test():
+    pytest.importorskip("ssb.toy")
+    val = load_problems("toy_val")
+    assert len(val) == 500 and val[0].id == "toy/val/0"
+    assert [p.question for p in load_problems("toy", "val", limit=50)] == [p.question for p in val[:50]]
+    # the val split continues the train sequence past the 1,000 problems any rollout can reach
+    train_tail = load_problems("toy", "train", limit=1010)[1000:]
+    assert [p.question for p in train_tail] == [p.question for p in val[:10]]
+    rollout_reach = {p.question for p in load_problems("toy", "train")}
+    test = {p.question for p in load_problems("toy", "test")}
+    assert rollout_reach.isdisjoint(p.question for p in val) and test.isdisjoint(p.question for p in val)
+
+
 # --------------------------------------------------------------------------------------------------
 # Malformed input: errors name file and line; skip_invalid skips, counts and reports
 
