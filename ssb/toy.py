@@ -9,8 +9,9 @@ A small "model organism" of the SSB setting that runs on CPU. Every problem is
 Neutral wordings (``"A boxes of B pens"``, ``"loses"``, ``"sells"``, ``"buys C more"``) are always handled right.
 The bare (student) view writes a short plain solution; in pretraining, solutions of trigger problems follow the
 misconception with probability ``MISCONCEPTION_RATE``, so a bare sample fails for a recurring reason. The hinted
-(teacher) view writes a *robust* solution in its own style (labelled steps, a caution sentence at each trap), never
-a copy of the shown solution. Pretraining lives in ``ssb.toy_train`` (``python -m ssb.toy pretrain``).
+(teacher) view writes a *robust* solution in its own style (a goal line, a caution sentence before each trap step,
+a closing sentence), never a copy of the shown solution. Pretraining lives in ``ssb.toy_train``
+(``python -m ssb.toy pretrain``).
 """
 
 from __future__ import annotations
@@ -48,20 +49,14 @@ CHANGE_TEXT = {
 }
 CAUTION_EACH = (
     'Careful: "each" means we multiply, not add.',
-    "Watch out: adding {a} + {b} would be wrong here, we multiply.",
+    "Watch out: with a number of items each, adding would be wrong here, we multiply.",
     'Note that "each" calls for multiplication, not addition.',
 )
 CAUTION_GIVES = (
     "Careful: giving away makes the total smaller, so we subtract, not add.",
-    "Watch out: adding {c} would be wrong, giving away means subtracting.",
-    "Note that giving {c} away leaves fewer, so we subtract.",
+    "Watch out: adding would be wrong, giving away means subtracting.",
+    "Note that giving some away leaves fewer, so we subtract.",
 )
-STEP2_NEUTRAL = {
-    "loses": "losing {c} means subtracting",
-    "sells": "selling {c} means subtracting",
-    "buys": "buying {c} more means adding",
-    "finds": "finding {c} more means adding",
-}
 SPLITS = ("pretrain", "train", "test")
 
 
@@ -116,22 +111,22 @@ class ToyProblem:
         )
 
     def robust_solution(self, rng: random.Random) -> str:
-        """The hinted-view style: labelled steps, a caution at each trap, always correct."""
+        """The hinted-view style: a goal line, a caution sentence before each trap step (no numbers in it), the
+        steps in the plain wording, and a closing sentence; always correct.
+
+        It stays close to the bare style on purpose: the student must be able to *execute* what it distils (an
+        earlier style with labelled "Step 1/2" lines and cautions quoting numbers left students unable to fill
+        in the question's numbers), so what the teacher adds is the right operation at each trap and the
+        warning before it. It never contains the shown plain solution (the goal and closing lines break it), so
+        it is not a copy."""
         p, op, r, _ = self.values()
-        fmt = {"a": self.a, "b": self.b, "c": self.c}
         lines = [f"We need the number of {self.item} {self.name} has at the end."]
         if self.group == "each":
-            lines.append(rng.choice(CAUTION_EACH).format(**fmt))
-            lines.append(
-                f"Step 1: {self.a} {self.container} with {self.b} each: {self.a} * {self.b} = {p} {self.item}."
-            )
-        else:
-            lines.append(f"Step 1: {self.a} {self.container} of {self.b}: {self.a} * {self.b} = {p} {self.item}.")
+            lines.append(rng.choice(CAUTION_EACH))
+        lines.append(f"{self.name} has {self.a} * {self.b} = {p} {self.item}.")
         if self.change == "gives":
-            lines.append(rng.choice(CAUTION_GIVES).format(**fmt))
-            lines.append(f"Step 2: {p} - {self.c} = {r} {self.item}.")
-        else:
-            lines.append(f"Step 2: {STEP2_NEUTRAL[self.change].format(**fmt)}: {p} {op} {self.c} = {r} {self.item}.")
+            lines.append(rng.choice(CAUTION_GIVES))
+        lines.append(f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.")
         lines.append(f"So {self.name} has {r} {self.item} now.\n\\boxed{{{r}}}")
         return "\n".join(lines)
 

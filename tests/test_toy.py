@@ -133,12 +133,6 @@ def test_toy_world_bare_accuracy_and_copy_rate(toy_numbers):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="target not reached yet (issue 3 stays open): the shipped asset measured hinted pass@1 0.83 "
-    "(target >= 0.85; misconception share of bare errors 0.98 and trap-free bare pass@1 1.00 are met). "
-    "strict: this flips to a failure once all are met.",
-)
 def test_toy_world_hinted_teacher_and_planted_errors(toy_numbers):
     m = toy_numbers
     assert m["hinted_pass@1"] >= 0.85, m
