@@ -111,6 +111,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
     log_every: int = 1
     seed: int = 0
+    extra_runs: tuple[str, ...] = ()  # earlier run dirs whose pairs + teacher stores are trained on too (rounds)
     output_subdir: str = "train"  # RUN_DIR/<this>/ holds adapter/, checkpoints/, metrics.jsonl (demo's SFT: train_sft)
     micro_token_budget: int = 0  # >0: micro-batches by input-token budget instead of batch_size examples
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager

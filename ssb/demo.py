@@ -37,39 +37,27 @@ def _train_sft(cfg: SSBConfig) -> int:
     return 0
 
 
-def merged_model(cfg: SSBConfig, adapter: Path, out: Path) -> Path:
-    """Base + LoRA merged into plain weights (``out``), so the toy eval runs without LoRA kernels.
+def eval_models(cfg: SSBConfig) -> dict[str, str]:
+    """Label -> model directory for the demo eval: base, the SSB student (every round's with ``rounds > 1``) and
+    the SFT control. LoRAs are merged into plain weights first: vLLM's CPU LoRA path is ~5x slower than the plain
+    model on this tiny network, and the merged weights are the same function up to float rounding."""
+    from ssb.rounds import ensure_student, merged_model
 
-    vLLM's CPU LoRA path is ~5x slower than the plain model on this tiny network; the merged weights are the
-    same function (W + scale * B @ A) up to float rounding.
-    """
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(cfg.model.name_or_path).save_pretrained(tmp)
-    tmp.replace(out)
-    return out
+    run_dir = Path(cfg.run_dir)
+    sft = run_dir / "train_sft" / "adapter"
+    models = {"base": cfg.model.name_or_path, "ssb": str(ensure_student(cfg, 1))}
+    models["sft"] = str(merged_model(cfg.model.name_or_path, cfg.model.dtype, sft, run_dir / "train_sft" / "student"))
+    models.update({f"ssb_round{r}": str(ensure_student(cfg, r)) for r in range(2, cfg.rounds + 1)})
+    return models
 
 
 def _eval_all(cfg: SSBConfig) -> int:
-    """Base, SSB and SFT students on the eval benchmarks (adapters merged into the base for speed)."""
+    """Base, SSB (per round) and SFT students on the eval benchmarks."""
     from ssb.eval import evaluate
 
-    run_dir = Path(cfg.run_dir)
-    adapters = {"base": None, "ssb": run_dir / "train" / "adapter", "sft": run_dir / "train_sft" / "adapter"}
-    for label, adapter in adapters.items():
-        model = cfg.model
-        if adapter is not None:
-            path = merged_model(cfg, adapter, run_dir / "eval" / f"merged_{label}")
-            model = dataclasses.replace(cfg.model, name_or_path=str(path))
-        evaluate(model, cfg.engine, cfg.eval, run_dir / "eval" / label, label=label)
+    for label, path in eval_models(cfg).items():
+        model = dataclasses.replace(cfg.model, name_or_path=path)
+        evaluate(model, cfg.engine, cfg.eval, Path(cfg.run_dir) / "eval" / label, label=label)
     return 0
 
 
@@ -107,7 +95,8 @@ def build_report(cfg: SSBConfig) -> dict:
     from ssb.store import TeacherStore, store_dir, summarize
 
     run_dir = Path(cfg.run_dir)
-    results = {label: load_results(run_dir / "eval" / label / "results.json") for label in RUNS}
+    labels = [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
+    results = {label: load_results(run_dir / "eval" / label / "results.json") for label in labels}
     bench = cfg.eval.benchmarks[0]
 
     def pass1(label: str) -> dict:
@@ -145,8 +134,12 @@ def build_report(cfg: SSBConfig) -> dict:
         "train_peak_memory_mb": _last_metric(run_dir / "train" / "metrics.jsonl", "peak_memory_mb"),
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": cfg.seed,
+        "rounds": [
+            {"round": r, "ssb_pass1": pass1("ssb" if r == 1 else f"ssb_round{r}")["value"]}
+            for r in range(1, cfg.rounds + 1)
+        ],
     }
-    runs = [results[label] for label in RUNS]
+    runs = [results[label] for label in labels]
     chart = plot_runs(runs, run_dir / "report.png")
     md = render_markdown(report, markdown_table(runs))
     atomic_write_json(run_dir / "report.json", report)
@@ -171,6 +164,7 @@ def render_markdown(r: dict, eval_table: str) -> str:
         f"| SSB student (KD on hinted teacher) | {_pct(r['ssb_pass1'])} | {lo['ssb']} |",
         f"| SFT control (CE on the same solutions) | {_pct(r['sft_pass1'])} | {lo['sft']} |",
         f"| hinted teacher (ceiling, curated problems, n={r['hinted_attempts']}) | {_pct(r['hinted_pass1'])} | |",
+        *(f"| SSB student after round {x['round']} | {_pct(x['ssb_pass1'])} | |" for x in r["rounds"][1:]),
         "",
         f"SSB vs base, paired over problems: {_paired(cmp, r['benchmark'])}",
         f"SSB vs SFT, paired over problems: {_paired(r['ssb_vs_sft'], r['benchmark'])}",

@@ -324,6 +324,8 @@ def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
     if adapter is not None and cfg.train.qlora:
         print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
               "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
+    if cfg.rounds > 1 and adapter is not None and adapter == str(trained):
+        return _eval_rounds(cfg, out)
     engine = None
     if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
         from ssb.engines import adapter_rank, make_engine
@@ -340,4 +342,18 @@ def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
     report, chart = write_report(runs, out)
     print(report.read_text())
     print(f"ssb eval: results in {', '.join(str(out / lb / 'results.json') for lb, _ in plan)}; chart {chart}")
+    return 0
+
+
+def _eval_rounds(cfg: SSBConfig, out: Path) -> int:
+    """``rounds=R``: the base and every round's student (merged weights, one engine each), one report."""
+    from ssb.rounds import round_students
+
+    models = ([("base", cfg.model)] if cfg.eval.include_base else []) + [
+        (label, dataclasses.replace(cfg.model, name_or_path=str(path))) for label, path in round_students(cfg)
+    ]
+    runs = [evaluate(model, cfg.engine, cfg.eval, out / label, label=label) for label, model in models]
+    report, chart = write_report(runs, out)
+    print(report.read_text())
+    print(f"ssb eval: results per round in {', '.join(str(out / lb / 'results.json') for lb, _ in models)}")
     return 0

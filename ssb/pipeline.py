@@ -96,8 +96,12 @@ def run_pipeline(
     from_stage: str | None = None,
     plan: list[Stage] | None = None,
 ) -> dict:
-    """Run the stages of ``plan`` (default: all of :data:`STAGES`) into ``cfg.run_dir``; return run.json."""
-    plan = STAGES if plan is None else plan
+    """Run the stages of ``plan`` (default: all of :data:`STAGES`) into ``cfg.run_dir``; return run.json.
+
+    With ``cfg.rounds > 1`` the rollout..train stages repeat once per extra round (:mod:`ssb.rounds`)."""
+    from ssb.rounds import expand
+
+    plan = expand(STAGES if plan is None else plan, cfg.rounds)
     names = [stage.name for stage in plan]
     if from_stage is not None and from_stage not in names:
         raise ValueError(f"--from {from_stage!r}: expected one of {names}")

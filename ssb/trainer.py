@@ -130,7 +130,8 @@ def tensorboard_writer(out_dir: Path):
 
 
 def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
-    """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``."""
+    """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``,
+    then those of every ``train.extra_runs`` directory (the earlier rounds of ``rounds=R``), in that order."""
     from transformers import AutoTokenizer
 
     from ssb.store import TeacherStore, build_student_examples, store_dir
@@ -138,8 +139,11 @@ def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
     tokenizer = AutoTokenizer.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
-    store = TeacherStore(store_dir(run_dir))
-    return build_student_examples(store, run_dir / "curate" / "student.jsonl", tokenizer, cfg.train.kd_temperature)
+    examples: list[Example] = []
+    for d in (run_dir, *(Path(x) for x in cfg.train.extra_runs)):
+        store = TeacherStore(store_dir(d))
+        examples += build_student_examples(store, d / "curate" / "student.jsonl", tokenizer, cfg.train.kd_temperature)
+    return examples
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -171,6 +175,7 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     facts["trainable_params"] = sum(p.numel() for p in trainable)
     facts["world_size"] = world
+    facts["examples"] = len(examples)
     optimizer = make_optimizer(trainable, tc.optimizer, tc.lr, tc.weight_decay, device)
     global_batch = tc.batch_size * tc.grad_accum * world
     total_steps = steps_for(len(examples), tc.epochs, global_batch, tc.max_steps)
