@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_qwen import tiny_qwen
 
 from ssb.config import load_config
 from ssb.train_data import collate
@@ -37,23 +38,8 @@ class Ex:
 
 
 def tiny_model_dir(root: Path, seed: int) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        initializer_range=0.3,  # large enough that the frozen tied LM head can express peaked outputs
-    )
     out = root / f"tiny-{seed}"
-    Qwen2ForCausalLM(config).save_pretrained(out)
+    tiny_qwen(VOCAB, seed, max_positions=256).save_pretrained(out)
     return out
 
 

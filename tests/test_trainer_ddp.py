@@ -17,28 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_qwen import tiny_qwen
 
 from ssb.cli import main as ssb_main
 
 T = 2.0
-
-
-def _tiny_qwen(vocab: int, seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +33,9 @@ def run_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     tok = toy.build_tokenizer(toy.tokenizer_corpus(n=60), vocab_size=320)
     model_dir = root / "student"
-    _tiny_qwen(len(tok), 0).save_pretrained(model_dir)
+    tiny_qwen(len(tok), 0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    teacher = _tiny_qwen(len(tok), 1)
+    teacher = tiny_qwen(len(tok), 1)
 
     run_dir = root / "template_run"
     records, examples = [], []
