@@ -46,7 +46,8 @@ def merged_model(base: str, dtype: str, adapter: Path, out: Path) -> Path:
 
     from ssb.train_model import resolve_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype, torch.device("cpu")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "auto": the dtype stages will load
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype, device))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

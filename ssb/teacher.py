@@ -35,6 +35,7 @@ from ssb.store import (
     summarize,
     tokenizer_hash,
 )
+from ssb.train_model import resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,6 @@ def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
 
 # --------------------------------------------------------------------------------------------------
 # HF backend
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 class HFCapture:
