@@ -13,6 +13,7 @@ model directory, with no LoRA plumbing. The paper's "iterations of logit generat
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from ssb.config import SSBConfig
@@ -31,15 +32,22 @@ def student_path(cfg: SSBConfig, r: int) -> Path:
 
 
 def merged_model(base: str, dtype: str, adapter: Path, out: Path) -> Path:
-    """``base`` + the LoRA at ``adapter`` merged into plain weights saved at ``out`` (kept if already there).
+    """``base`` + the LoRA at ``adapter`` merged into plain weights saved at ``out``.
 
-    Same function as base + LoRA (W + scale * B @ A) up to rounding in ``dtype``; written to a temporary
-    directory and renamed, so a killed merge leaves nothing half-written.
+    Same function as base + LoRA (W + scale * B @ A) up to rounding in ``dtype``. ``out/merged_from.json``
+    records the base and the adapter's weights hash: an existing merge is reused only when both match, so a
+    retrained adapter is merged again. Written to a temporary directory and renamed, so a killed merge leaves
+    nothing half-written.
     """
-    if (out / "config.json").exists():
-        return out
     import shutil
 
+    from ssb.files import atomic_write_json, sha256_file
+
+    weights = adapter / "adapter_model.safetensors"
+    source = {"base": str(base), "dtype": dtype, "adapter": str(adapter), "adapter_sha256": sha256_file(weights)}
+    marker = out / "merged_from.json"
+    if marker.exists() and json.loads(marker.read_text()) == source:
+        return out
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,6 +61,8 @@ def merged_model(base: str, dtype: str, adapter: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    atomic_write_json(tmp / "merged_from.json", source)
+    shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
 

@@ -118,6 +118,28 @@ def test_eval_resumes_after_interruption(tmp_path):
     assert sum(other.calls) == 10 and partial.with_name(partial.stem + ".stale.jsonl").exists()
 
 
+def test_weights_rewritten_in_place_are_not_resumed(tmp_path):
+    """A local model directory whose weights change (a retrained, re-merged student) is evaluated afresh."""
+    import os
+
+    bench = _bench(tmp_path, n=4)
+    model_dir = tmp_path / "student"
+    model_dir.mkdir()
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"round one")
+    _, engine_cfg, eval_cfg = _cfgs(bench)
+    model = ModelConfig(name_or_path=str(model_dir))
+    evaluate(model, engine_cfg, eval_cfg, tmp_path / "out", engine=ScriptedEngine())
+    same = ScriptedEngine()
+    evaluate(model, engine_cfg, eval_cfg, tmp_path / "out", engine=same)
+    assert same.calls == []  # untouched weights: resumed for free
+    weights.write_bytes(b"round two")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    rewritten = ScriptedEngine()
+    evaluate(model, engine_cfg, eval_cfg, tmp_path / "out", engine=rewritten)
+    assert sum(rewritten.calls) == 4
+
+
 def test_grading_pool_matches_inline_grading(tmp_path):
     bench = _bench(tmp_path, n=6)
     inline = evaluate(*_cfgs(bench), tmp_path / "inline", engine=ScriptedEngine())

@@ -84,3 +84,31 @@ def test_two_rounds_roll_out_from_the_student_and_train_on_every_round(tmp_path)
 
     w1, w2 = (load_file(str(p / "model.safetensors")) for p in (out / "student", round2 / "student"))
     assert any((w1[k] - w2[k]).abs().max() > 0 for k in w1)
+
+
+def test_merged_student_is_redone_when_its_adapter_changes(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ssb.rounds import merged_model
+    from ssb.toy import asset_path
+
+    def save_adapter(seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(asset_path(), dtype=torch.float32)
+        lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)  # random B: a real change
+        get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+        return tmp_path / "adapter"
+
+    out = tmp_path / "student"
+    merged_model(str(asset_path()), "float32", save_adapter(0), out)
+    first = load_file(str(out / "model.safetensors"))
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    merged_model(str(asset_path()), "float32", tmp_path / "adapter", out)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # same adapter: the merge is reused
+    merged_model(str(asset_path()), "float32", save_adapter(1), out)
+    second = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # retrained adapter: merged again
+    assert not (tmp_path / "student.tmp").exists()
