@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ssb.config import SSBConfig, config_hash, save_config
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
-from ssb.files import InputError, append_jsonl, atomic_write_json, atomic_write_jsonl, iter_jsonl
+from ssb.files import InputError, append_jsonl, atomic_write_json, atomic_write_jsonl, iter_jsonl, weights_stamp
 from ssb.prompts import prompt_ids, student_messages, teacher_messages
 from ssb.rollout import PROBLEMS, ROLLOUTS, STATS, resume_prefix
 
@@ -154,6 +154,7 @@ def run_curation(
     # Resume: decisions.jsonl holds one line per generated candidate, in candidate order, whole batches.
     batch = max(1, cfg.engine.batch_size)
     state = {"curate": config_hash(cfg.curate), "model": config_hash(cfg.model), "backend": cfg.engine.backend}
+    state["weights"] = weights_stamp(cfg.model.name_or_path)
     state["rollouts"] = _digest(run_dir / "rollout" / ROLLOUTS)
     state["batch_size"] = batch
     path = out_dir / DECISIONS

@@ -27,7 +27,7 @@ from typing import Any
 from ssb.config import EngineConfig, EvalConfig, ModelConfig, SSBConfig, config_to_dict
 from ssb.eval_report import markdown_table, plot_runs, print_compare, write_report
 from ssb.eval_stats import aggregate, compare, load_results
-from ssb.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, sha256_text
+from ssb.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, weights_stamp
 from ssb.prompts import SYSTEM_PROMPT
 
 __all__ = ["PROTOCOLS", "Protocol", "compare", "evaluate", "load_results", "resolve_protocol", "run_stage"]
@@ -154,21 +154,11 @@ def _spec(
         "benchmark": bench,
         "protocol": dataclasses.asdict(protocol),
         "model": config_to_dict(model_cfg),
-        "model_files": _local_weights_stamp(model_cfg.name_or_path),
+        "model_files": weights_stamp(model_cfg.name_or_path),
         "backend": engine_cfg.backend,
         "adapter": adapter,
         "adapter_sha": adapter_sha,
     }
-
-
-def _local_weights_stamp(name_or_path: str) -> str | None:
-    """For a local model directory, a stamp of its weight files (name, size, mtime): weights rewritten in place
-    (a retrained, re-merged student) do not resume partial results graded on the old ones. None for hub names."""
-    path = Path(name_or_path)
-    if not path.is_dir():
-        return None
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return sha256_text("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))[:16]
 
 
 def _load_partial(path: Path, meta_path: Path, spec: dict) -> dict[str, dict]:

@@ -90,3 +90,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def weights_stamp(name_or_path: str) -> str | None:
+    """For a local model directory, a stamp of its weight files (name, size, mtime), so work resumed on a path
+    whose weights were rewritten in place (a retrained, re-merged student) is redone. None for hub names."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return sha256_text("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))[:16]

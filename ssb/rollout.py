@@ -22,7 +22,15 @@ from tqdm import tqdm
 
 from ssb.config import SSBConfig, config_hash, save_config
 from ssb.engines import Completion, Engine, Sampling, derive_seed, make_engine
-from ssb.files import InputError, append_jsonl, atomic_write_json, atomic_write_jsonl, iter_jsonl, sha256_text
+from ssb.files import (
+    InputError,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    iter_jsonl,
+    sha256_text,
+    weights_stamp,
+)
 from ssb.prompts import student_messages
 
 __all__ = [
@@ -105,6 +113,7 @@ def _state(cfg: SSBConfig, problems: list) -> dict:
     ids_digest = sha256_text("\n".join(p.id + "\x00" + p.question + "\x00" + p.answer for p in problems))[:16]
     return {
         "model": config_hash(cfg.model),
+        "weights": weights_stamp(cfg.model.name_or_path),
         "rollout": config_hash(cfg.rollout),
         "backend": cfg.engine.backend,
         "batch_size": cfg.engine.batch_size,

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ssb.config import SSBConfig, config_to_dict, save_config
-from ssb.files import InputError, iter_jsonl, sha256_file, sha256_text
+from ssb.files import InputError, iter_jsonl, sha256_file, sha256_text, weights_stamp
 from ssb.prompts import DEFAULT_PROMPTS, prompt_ids, reply_ids
 from ssb.store import (
     StoreExample,
@@ -227,6 +227,7 @@ def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str |
     tok = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     items, skipped, n_inputs = load_items(teacher_jsonl, student_jsonl, tok, max_length(cfg))
     settings = {"model": config_to_dict(m), "capture": config_to_dict(cfg.capture), "prompts": DEFAULT_PROMPTS.digest()}
+    settings["weights"] = weights_stamp(m.name_or_path)  # a local model rewritten in place is captured afresh
     inputs = {"teacher_jsonl": str(teacher_jsonl), "teacher_sha256": sha256_file(teacher_jsonl),
               "student_jsonl": str(student_jsonl), "student_sha256": sha256_file(student_jsonl)}  # fmt: skip
     tok_info = {"hash": tokenizer_hash(tok), "chat_template": chat_template_hash(tok), "size": len(tok)}

@@ -242,3 +242,22 @@ def test_vllm_lock_does_not_wait_on_an_flock_wrapper(tmp_path):
     code = f"from ssb.engines import vllm_lock\nwith vllm_lock({lock!r}):\n    print('inside')"
     out = subprocess.run(["flock", lock, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "inside", out.stderr
+
+
+def test_rollouts_of_weights_rewritten_in_place_are_not_resumed(tmp_path):
+    """A round student is re-merged at the same path when its adapter is retrained: its old rollouts are stale."""
+    import os
+
+    from ssb.rollout import _state
+
+    model_dir = tmp_path / "student"
+    model_dir.mkdir()
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"round one")
+    cfg = load_config(None, [f"model.name_or_path={model_dir}"])
+    before = _state(cfg, [])
+    assert _state(cfg, []) == before and before["weights"] is not None
+    weights.write_bytes(b"round two")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert _state(cfg, [])["weights"] != before["weights"]
+    assert _state(load_config(None, ["model.name_or_path=Qwen/Qwen2.5-3B-Instruct"]), [])["weights"] is None
