@@ -88,6 +88,14 @@ def _mean_metric(path: Path, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _round_pairs(cfg: SSBConfig, r: int) -> dict:
+    """Pairs a round curated and how many problems with both outcomes it sent to the teacher for them."""
+    from ssb.rounds import round_dir
+
+    stats = json.loads((round_dir(cfg, r) / "curate" / "curation_stats.json").read_text())
+    return {"pairs": stats["pairs"], "tried": stats["candidates"]}
+
+
 def build_report(cfg: SSBConfig) -> dict:
     """Collect the figures of a finished demo run into ``report.json`` / ``report.md`` / ``report.png``."""
     from ssb.eval_report import markdown_table, plot_runs
@@ -135,7 +143,7 @@ def build_report(cfg: SSBConfig) -> dict:
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": cfg.seed,
         "rounds": [
-            {"round": r, "ssb_pass1": pass1("ssb" if r == 1 else f"ssb_round{r}")["value"]}
+            {"round": r, "ssb_pass1": pass1("ssb" if r == 1 else f"ssb_round{r}")["value"], **_round_pairs(cfg, r)}
             for r in range(1, cfg.rounds + 1)
         ],
     }
@@ -164,7 +172,11 @@ def render_markdown(r: dict, eval_table: str) -> str:
         f"| SSB student (KD on hinted teacher) | {_pct(r['ssb_pass1'])} | {lo['ssb']} |",
         f"| SFT control (CE on the same solutions) | {_pct(r['sft_pass1'])} | {lo['sft']} |",
         f"| hinted teacher (ceiling, curated problems, n={r['hinted_attempts']}) | {_pct(r['hinted_pass1'])} | |",
-        *(f"| SSB student after round {x['round']} | {_pct(x['ssb_pass1'])} | |" for x in r["rounds"][1:]),
+        *(
+            f"| SSB student after round {x['round']} ({x['pairs']} pairs from {x['tried']} mixed problems tried) | "
+            f"{_pct(x['ssb_pass1'])} | |"
+            for x in r["rounds"][1:]
+        ),
         "",
         f"SSB vs base, paired over problems: {_paired(cmp, r['benchmark'])}",
         f"SSB vs SFT, paired over problems: {_paired(r['ssb_vs_sft'], r['benchmark'])}",

@@ -104,7 +104,8 @@ def test_reduced_demo_survives_a_kill_and_reports(tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert report["store_bytes_per_row"] < report["dense_bytes_per_row_qwen"]
     assert set(report["stage_seconds"]) == set(ALL_STAGES)
-    assert report["rounds"] == [{"round": 1, "ssb_pass1": report["ssb_pass1"]}]
+    round1 = {"round": 1, "ssb_pass1": report["ssb_pass1"], "pairs": report["pairs"]}
+    assert report["rounds"] == [{**round1, "tried": report["curation"]["candidates"]}]
     # the SFT control really trained on CE only, the SSB student on KD only
     ssb_metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     sft_metrics = [json.loads(x) for x in (out / "train_sft" / "metrics.jsonl").read_text().splitlines()]
