@@ -110,7 +110,7 @@ class ToyProblem:
             f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.\n\\boxed{{{r}}}"
         )
 
-    def robust_solution(self, rng: random.Random) -> str:
+    def robust_solution(self, rng: random.Random, wrong_each: bool = False, wrong_gives: bool = False) -> str:
         """The hinted-view style: a goal line, a caution sentence before each trap step (no numbers in it), the
         steps in the plain wording, and a closing sentence; always correct.
 
@@ -118,12 +118,14 @@ class ToyProblem:
         earlier style with labelled "Step 1/2" lines and cautions quoting numbers left students unable to fill
         in the question's numbers), so what the teacher adds is the right operation at each trap and the
         warning before it. It never contains the shown plain solution (the goal and closing lines break it), so
-        it is not a copy."""
-        p, op, r, _ = self.values()
+        it is not a copy. The misconception flags make the wrong attempts a student distilled from this style
+        writes (the caution written, the wrong operation done anyway); the teacher itself never uses them."""
+        p, op, r, _ = self.values(wrong_each, wrong_gives)
+        op1 = "+" if (wrong_each and self.group == "each") else "*"
         lines = [f"We need the number of {self.item} {self.name} has at the end."]
         if self.group == "each":
             lines.append(rng.choice(CAUTION_EACH))
-        lines.append(f"{self.name} has {self.a} * {self.b} = {p} {self.item}.")
+        lines.append(f"{self.name} has {self.a} {op1} {self.b} = {p} {self.item}.")
         if self.change == "gives":
             lines.append(rng.choice(CAUTION_GIVES))
         lines.append(f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.")

@@ -14,6 +14,8 @@ builds them (``ssb.prompts.prompt_ids`` + ``reply_ids``), so training text == in
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,6 +48,7 @@ class PretrainConfig:
     hinted_batch: int = 8
     drill_batch: int = 24
     mix: tuple[float, float, float] = (0.45, 0.17, 0.38)  # bare, hinted, drill batches
+    robust_attempts: float = 0.0  # share of hinted examples whose shown attempts are in the robust style
     save_every: int = 250
 
 
@@ -88,10 +91,26 @@ def bare_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
 
-def hinted_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
+def robust_attempt(p: toy.ToyProblem, rng: random.Random) -> str:
+    """A wrong attempt in the robust style, as a student distilled from the robust teacher writes it (later
+    rounds show the teacher such attempts): a misconception despite the caution, or a number copied wrong."""
+    if p.misconception_answers() and rng.random() < 0.5:
+        while True:
+            we, wg = "each" in p.traps and rng.random() < 0.6, "gives" in p.traps and rng.random() < 0.6
+            if p.values(we, wg)[3] != p.answer():
+                return p.robust_solution(rng, we, wg)
+    others = [c for c in range(1, min(9, p.a * p.b - 1) + 1) if c != p.c]
+    return dataclasses.replace(p, c=rng.choice(others)).robust_solution(rng)  # the question's C misread
+
+
+def hinted_example(tok, rng: random.Random, robust_attempts: float = 0.0) -> tuple[list[int], list[int]]:
     p = _pretrain_problem(rng)
-    correct = p.plain_solution() if rng.random() < 0.85 else p.robust_solution(rng)
-    prompt = prompt_ids(tok, teacher_messages(p.question(), correct, wrong_solution(p, rng)))
+    if robust_attempts and rng.random() < robust_attempts:  # attempts by a student writing the robust style
+        correct, wrong = p.robust_solution(rng), robust_attempt(p, rng)
+    else:
+        correct = p.plain_solution() if rng.random() < 0.85 else p.robust_solution(rng)
+        wrong = wrong_solution(p, rng)
+    prompt = prompt_ids(tok, teacher_messages(p.question(), correct, wrong))
     reply = reply_ids(tok, p.robust_solution(rng))
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
 
@@ -207,7 +226,8 @@ def pretrain(cfg: PretrainConfig, out: Path, init: Path | None = None) -> dict:
         betas=(0.9, 0.98),
     )
     rng = random.Random(f"toy-pretrain-{cfg.seed}")
-    makers = {"bare": (bare_example, cfg.bare_batch), "hinted": (hinted_example, cfg.hinted_batch),
+    hinted = functools.partial(hinted_example, robust_attempts=cfg.robust_attempts)
+    makers = {"bare": (bare_example, cfg.bare_batch), "hinted": (hinted, cfg.hinted_batch),
               "drill": (drill_example, cfg.drill_batch)}  # fmt: skip
     log = {"config": asdict(cfg), "init": str(init) if init else None, "params": n_params, "vocab": len(tok)}
     log.update(phases=earlier, history=[])
@@ -258,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=PretrainConfig.warmup)
     p.add_argument("--init", default=None, help="continue from this asset directory (weights + tokenizer)")
     p.add_argument("--mix", type=float, nargs=3, default=PretrainConfig.mix, help="bare, hinted, drill batch shares")
+    p.add_argument(
+        "--robust-attempts",
+        type=float,
+        default=PretrainConfig.robust_attempts,
+        help="share of hinted examples whose attempts are in the robust style (later SSB rounds)",
+    )
     m = sub.add_parser("measure", help="bare/hinted accuracy, copy rate, misconception share (vLLM)")
     m.add_argument("--model", default=str(toy.asset_path()))
     m.add_argument("--n", type=int, default=200)
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "pretrain":
         cfg = PretrainConfig(
             seed=args.seed, steps=args.steps, save_every=args.save_every, lr=args.lr, warmup=args.warmup,
-            mix=tuple(args.mix),
+            mix=tuple(args.mix), robust_attempts=args.robust_attempts,
         )  # fmt: skip
         pretrain(cfg, Path(args.out), Path(args.init) if args.init else None)
         return 0

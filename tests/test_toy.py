@@ -12,6 +12,7 @@ import pytest
 from ssb import toy
 from ssb.prompts import prompt_ids, reply_ids, student_messages, teacher_messages
 from ssb.toy_measure import _extract, is_copy, measure
+from ssb.toy_train import robust_attempt
 
 
 def _structure(p: toy.ToyProblem) -> tuple:
@@ -56,6 +57,10 @@ def test_misconceptions_are_wording_tied_and_change_the_answer():
         assert _extract(p.plain_solution()) == str(p.answer())
         robust = p.robust_solution(rng)
         assert _extract(robust) == str(p.answer()) and not is_copy(robust, p.plain_solution())
+        if p.traps:  # the robust style with a misconception followed: a later round's student's wrong attempt
+            assert _extract(p.robust_solution(rng, True, True)) == str(p.values(True, True)[3])
+        attempt = robust_attempt(p, rng)
+        assert attempt.startswith("We need the number of") and _extract(attempt) != str(p.answer())
 
 
 # --------------------------------------------------------------------------------------------------
