@@ -101,18 +101,21 @@ class ToyProblem:
     def answer(self) -> int:
         return self.values()[3]
 
-    def plain_solution(self, wrong_each: bool = False, wrong_gives: bool = False) -> str:
-        """The bare-view style (what the base model writes), optionally following the misconceptions."""
+    def steps(self, wrong_each: bool = False, wrong_gives: bool = False) -> tuple[str, str, int]:
+        """The two step lines both styles write (first step, second step) and the answer they reach."""
         p, op, r, _ = self.values(wrong_each, wrong_gives)
         op1 = "+" if (wrong_each and self.group == "each") else "*"
-        return (
-            f"{self.name} has {self.a} {op1} {self.b} = {p} {self.item}.\n"
-            f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.\n\\boxed{{{r}}}"
-        )
+        first = f"{self.name} has {self.a} {op1} {self.b} = {p} {self.item}."
+        return first, f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.", r
+
+    def plain_solution(self, wrong_each: bool = False, wrong_gives: bool = False) -> str:
+        """The bare-view style (what the base model writes), optionally following the misconceptions."""
+        first, second, r = self.steps(wrong_each, wrong_gives)
+        return f"{first}\n{second}\n\\boxed{{{r}}}"
 
     def robust_solution(self, rng: random.Random, wrong_each: bool = False, wrong_gives: bool = False) -> str:
         """The hinted-view style: a goal line, a caution sentence before each trap step (no numbers in it), the
-        steps in the plain wording, and a closing sentence; always correct.
+        steps in the plain wording, and a closing sentence; correct unless a misconception flag is set.
 
         It stays close to the bare style on purpose: the student must be able to *execute* what it distils (an
         earlier style with labelled "Step 1/2" lines and cautions quoting numbers left students unable to fill
@@ -120,15 +123,14 @@ class ToyProblem:
         warning before it. It never contains the shown plain solution (the goal and closing lines break it), so
         it is not a copy. The misconception flags make the wrong attempts a student distilled from this style
         writes (the caution written, the wrong operation done anyway); the teacher itself never uses them."""
-        p, op, r, _ = self.values(wrong_each, wrong_gives)
-        op1 = "+" if (wrong_each and self.group == "each") else "*"
+        first, second, r = self.steps(wrong_each, wrong_gives)
         lines = [f"We need the number of {self.item} {self.name} has at the end."]
         if self.group == "each":
             lines.append(rng.choice(CAUTION_EACH))
-        lines.append(f"{self.name} has {self.a} {op1} {self.b} = {p} {self.item}.")
+        lines.append(first)
         if self.change == "gives":
             lines.append(rng.choice(CAUTION_GIVES))
-        lines.append(f"Then {self.name} has {p} {op} {self.c} = {r} {self.item}.")
+        lines.append(second)
         lines.append(f"So {self.name} has {r} {self.item} now.\n\\boxed{{{r}}}")
         return "\n".join(lines)
 
