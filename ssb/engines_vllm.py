@@ -40,6 +40,28 @@ def platform_kwargs(engine_cfg: EngineConfig) -> dict:
     return kwargs
 
 
+def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
+    """A ``vllm.LLM`` for ``model_cfg`` with this machine's settings (:func:`platform_kwargs`) plus the caller's
+    own, shared by the generation engine and vLLM teacher capture."""
+    import torch
+    from vllm import LLM
+
+    kwargs = platform_kwargs(engine_cfg) | llm_kwargs
+    set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
+    try:
+        return LLM(
+            model=model_cfg.name_or_path,
+            tokenizer=model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            dtype=model_cfg.dtype,
+            enforce_eager=engine_cfg.enforce_eager,
+            **kwargs,
+        )
+    finally:
+        torch.set_num_threads = set_threads
+
+
 def release_llm(owner) -> None:
     """Drop ``owner.llm`` (a ``vllm.LLM``) and vLLM's distributed state, so another engine can start here."""
     llm, owner.llm = getattr(owner, "llm", None), None
@@ -71,9 +93,7 @@ class VLLMEngine:
         enable_lora: bool = False,
         max_lora_rank: int | None = None,
     ) -> None:
-        import torch
-
-        kwargs = platform_kwargs(engine_cfg)
+        kwargs: dict = {}
         if max_logprobs is not None:
             kwargs["max_logprobs"] = max_logprobs
         self.adapter = str(adapter) if adapter is not None else None
@@ -82,26 +102,15 @@ class VLLMEngine:
             rank = max_lora_rank or (adapter_rank(self.adapter) if self.adapter else 64)
             kwargs["enable_lora"] = True
             kwargs["max_lora_rank"] = next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
-
-        from vllm import LLM
-
-        set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op process-wide
-        try:
-            self.llm = LLM(
-                model=model_cfg.name_or_path,
-                tokenizer=model_cfg.name_or_path,
-                revision=model_cfg.revision,
-                trust_remote_code=model_cfg.trust_remote_code,
-                dtype=model_cfg.dtype,
-                seed=0,  # every request carries its own seed; this only fixes engine-level state
-                enforce_eager=engine_cfg.enforce_eager,
-                # A chunked prefill makes the runner rewind a seeded request's generator, which the CPU
-                # generator cannot do ("CPU Generator does not use offset"): prompts are prefilled whole.
-                enable_chunked_prefill=False,
-                **kwargs,
-            )
-        finally:
-            torch.set_num_threads = set_threads
+        self.llm = build_llm(
+            model_cfg,
+            engine_cfg,
+            seed=0,  # every request carries its own seed; this only fixes engine-level state
+            # A chunked prefill makes the runner rewind a seeded request's generator, which the CPU
+            # generator cannot do ("CPU Generator does not use offset"): prompts are prefilled whole.
+            enable_chunked_prefill=False,
+            **kwargs,
+        )
         self.lora_enabled = lora_on
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = {end_of_turn_id(self.tokenizer)}

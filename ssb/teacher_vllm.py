@@ -22,33 +22,20 @@ class VLLMCapture:
     exact_temperatures = [1.0]
 
     def __init__(self, cfg: SSBConfig, **llm_kwargs):
-        # ssb.engines.make_engine takes no scheduler settings, so the LLM is built here with the same CPU
-        # settings as ssb.engines_vllm (in-process engine core, explicit KV cache size) plus capture's own.
-        from vllm import LLM
+        # ssb.engines.make_engine takes no scheduler settings, so the LLM is built here with the same machine
+        # settings as the generation engine (ssb.engines_vllm.build_llm) plus capture's own.
+        from ssb.engines_vllm import build_llm
 
-        from ssb.engines_vllm import platform_kwargs
-
-        m, e = cfg.model, cfg.engine
-        kwargs = platform_kwargs(e)
-        kwargs.update(llm_kwargs)
-        set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
-        try:
-            self.llm = LLM(
-                model=m.name_or_path,
-                tokenizer=m.name_or_path,
-                revision=m.revision,
-                trust_remote_code=m.trust_remote_code,
-                dtype=m.dtype,
-                seed=cfg.seed,
-                enforce_eager=e.enforce_eager,
-                max_logprobs=cfg.capture.k,
-                max_num_batched_tokens=cfg.capture.vllm_max_num_batched_tokens,
-                enable_chunked_prefill=True,  # prompts longer than the token budget are prefilled in chunks
-                logprobs_mode="raw_logprobs",  # log_softmax of the raw logits: T = 1, no processors
-                **kwargs,
-            )
-        finally:
-            torch.set_num_threads = set_threads
+        self.llm = build_llm(
+            cfg.model,
+            cfg.engine,
+            seed=cfg.seed,
+            max_logprobs=cfg.capture.k,
+            max_num_batched_tokens=cfg.capture.vllm_max_num_batched_tokens,
+            enable_chunked_prefill=True,  # prompts longer than the token budget are prefilled in chunks
+            logprobs_mode="raw_logprobs",  # log_softmax of the raw logits: T = 1, no processors
+            **llm_kwargs,
+        )
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
 
     def close(self) -> None:
