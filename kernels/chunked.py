@@ -1,10 +1,11 @@
 """Chunked PyTorch path (the CPU default): streams over vocabulary chunks, never holds an (N, V) tensor.
 
 Forward, flash-attention style: per chunk of C vocabulary rows, s = (h / T) W_c^T (N, C); keep a running
-row max m, running sum l = sum exp(s - m), and, when hidden needs a gradient, a running
-acc = sum exp(s - m) W_c (N, H). At the end lse = m + log l and sum_v p_v W_v = acc / l, so the gradient
-of every variant (SPEC section 2: g = a * p + b on K, a per row, b (N, k)) is available after one pass:
-    dL/dh = (1/T) (a * sum_v p_v W_v + sum_K b_j W_j)
+row max m, running sums l = sum exp(s - m) and l_off (the same over columns not in K), and, when hidden
+needs a gradient, acc = sum_{v not in K} exp(s - m) W_v (N, H). At the end lse = m + log l, the student's
+off-K mass p_t = l_off / l (summed directly, never 1 - P_K) and the off-K mean row acc / l_off, so the
+gradient of every variant (docs/SPEC.md: g = a * p_v / p_t off K + b on K) is available after one pass:
+    dL/dh = (1/T) (a * sum_{v not in K} (p_v / p_t) W_v + sum_K b_j W_j)
 That is 2 GEMMs per chunk (4NHV FLOPs), the same as eager's forward + backward, with O(N H + N C) memory.
 Only when ``weight`` requires grad does the backward stream the chunks again to form dW = g^T (h / T).
 """
@@ -47,46 +48,126 @@ def sparse_matvec(b: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> t
     return out
 
 
-def stream_lse(h: torch.Tensor, weight: torch.Tensor, chunk: int, with_pw: bool):
-    """One pass over the vocabulary: lse (N,) of h W^T and, if ``with_pw``, sum_v softmax_v W_v (N, H)."""
+def chunk_k_mask(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> torch.Tensor:
+    """(N, c) bool: True where a column of the vocabulary chunk [v0, v0 + c) is one of the row's valid K ids.
+
+    Ids outside the chunk (and padding) are sent to a spare column c, so duplicate writes are all True.
+    """
+    local = idx - v0
+    inr = valid & (local >= 0) & (local < c)
+    m = torch.zeros(idx.shape[0], c + 1, dtype=torch.bool, device=idx.device)
+    m.scatter_(1, torch.where(inr, local, c), True)
+    return m[:, :c]
+
+
+def stream_lse(h, weight, chunk, with_pw, idx=None, valid=None, off_max=False):
+    """One pass over the vocabulary: the full LSE of h W^T and the off-K sums, accumulated directly.
+
+    Returns lse (N,), log_off (N,) = LSE over the columns not in K, and, if ``with_pw``, the off-K mean
+    sum_{v not in K} softmax_off(v) W_v (N, H). The off-K sums share the running max of the full row, so they
+    underflow once the off-K logits sit ~87 below it; ``off_max=True`` runs the max over off-K columns only
+    (the exact fallback for those rows, at the cost of a second pass; lse is then the off-K LSE too).
+    No 1 - P_K anywhere: that difference is what rounds to 0 for a confident student.
+    """
     n = h.shape[0]
     m = h.new_full((n,), float("-inf"))
     l = h.new_zeros(n)
+    l_off = h.new_zeros(n)
     acc = h.new_zeros(n, weight.shape[1]) if with_pw else None
     for v0 in range(0, weight.shape[0], chunk):
         wc = weight[v0 : v0 + chunk].to(h.dtype)  # (C, H)
         s = h @ wc.t()  # (N, C): the only chunk-sized buffer
+        km = chunk_k_mask(idx, valid, v0, s.shape[1]) if idx is not None else None
+        if off_max:
+            s.masked_fill_(km, float("-inf"))
         m_new = torch.maximum(m, s.amax(1))
-        alpha = torch.exp(m - m_new)  # rescales what was accumulated against the old max
-        e = s.sub_(m_new[:, None]).exp_()  # in place: exp(s - m_new)
+        m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a row with every column excluded so far
+        alpha = torch.exp(m - m_safe)  # rescales what was accumulated against the old max
+        e = s.sub_(m_safe[:, None]).exp_()  # in place: exp(s - m_new)
         l = l * alpha + e.sum(1)
+        e_off = e.masked_fill_(km, 0.0) if km is not None else e  # in place: the full sum is already taken
+        l_off = l_off * alpha + e_off.sum(1)
         if acc is not None:
-            acc = torch.addmm(acc * alpha[:, None], e, wc)  # acc * alpha + e @ W_c
-        m = m_new
+            acc = torch.addmm(acc * alpha[:, None], e_off, wc)  # acc * alpha + e_off @ W_c
+        m = m_safe
     lse = m + torch.log(l)
-    return lse, (acc / l[:, None] if acc is not None else None)
+    log_off = m + torch.log(l_off)
+    return lse, log_off, (acc / l_off.clamp(min=torch.finfo(l_off.dtype).tiny)[:, None] if acc is not None else None)
 
 
-def kd_coefficients(lp_k: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor, variant: str, vocab_size: int):
-    """SPEC section 2 gradient wrt z/T as g = a[:, None] * p + b on K.
+# below this, the off-K sum taken against the full row max has lost fp32 precision (subnormal) or underflowed
+OFFK_TINY = 1e-30
 
-    tail: g = p (1 - r) off K and p - q on K with r = q_t / p_t, so a = 1 - r, b = r p_K - q_K.
-    renorm: g = p off K and p - qn on K, so a = 1, b = -qn_K.
+
+def exact_offk(h, weight, chunk, with_pw, idx, valid):
+    """Full LSE, off-K LSE and off-K mean head row, with the off-K rows that underflowed redone exactly."""
+    lse, log_off, pw = stream_lse(h, weight, chunk, with_pw, idx, valid)
+    redo = (log_off - lse < torch.log(torch.tensor(OFFK_TINY, dtype=h.dtype))).nonzero()[:, 0]
+    if redo.numel():
+        _, lo, pw_r = stream_lse(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
+        log_off[redo] = lo
+        if pw is not None:
+            pw[redo] = pw_r
+    return lse, log_off, pw
+
+
+def student_logp_k(s_k: torch.Tensor, log_off: torch.Tensor, valid: torch.Tensor):
+    """log p on K and log p_t in fp64, relative to the largest K logit M, so p_j near 1 keeps its deficit.
+
+    lse = M + log1p(sum_{K, not argmax} exp(s_K - M) + exp(log_off - M)): when the student's top token leads by
+    60, its log p is -exp(-60), which s_top - lse (two numbers near 60) would round to 0 even in fp64.
 
     Shape:
-        lp_k (N, k) student log p on K, logq (N, k), valid (N, k) -> a (N,), b (N, k)
+        s_k (N, k) student logits z/T on K, log_off (N,) off-K LSE of z/T, valid (N, k) -> lp_k (N, k), log_pt (N,)
     """
+    s = s_k.double().masked_fill(~valid, float("-inf"))
+    big, arg = s.max(-1)
+    big = torch.where(torch.isfinite(big), big, log_off.double())  # no valid K id: the off-K LSE is the LSE
+    big = torch.where(torch.isfinite(big), big, 0.0)
+    e = (s - big[:, None]).exp().scatter(1, arg[:, None], 0.0)  # argmax's own term (1) left out
+    rest = e.sum(-1) + (log_off.double() - big).exp()
+    rest = torch.where(torch.isfinite(s.amax(-1)), rest, rest - 1.0)  # no K term at all: rest counted 1 too many
+    log_norm = torch.log1p(rest)  # lse - M
+    return (s - big[:, None]) - log_norm[:, None], log_off.double() - big - log_norm
+
+
+def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):
+    """SPEC section 2 gradient wrt z/T as g = a * (p_v / p_t) off K plus b on K, cancellation-free, in fp64.
+
+    tail: g = p (1 - q_t / p_t) off K and p - q on K, so a = p_t - q_t and b = p_K - q_K.
+    renorm: g = p off K and p - qn on K, so a = p_t and b = p_K - qn_K.
+    The dense term is then a * (off-K mean of W), never (1 - r) p + r p_K, which cancels when r = q_t / p_t is
+    large (a confident student).
+
+    Shape:
+        lp_k (N, k) student log p on K, logq (N, k), valid (N, k), log_pt (N,) -> a (N,), b (N, k) fp64
+    """
+    lp_k, logq, log_pt = lp_k.double(), logq.double(), log_pt.double()
     ninf = torch.full_like(logq, float("-inf"))
     log_qk = torch.logsumexp(torch.where(valid, logq, ninf), -1)  # (N,)
     zero = torch.zeros_like(logq)
+    p_k = torch.where(valid, lp_k.exp(), zero)
+    # p - q as q expm1(lp - lq): both are near 1 on a confident token, and their difference is what matters
+    p_minus_q = torch.where(logq > float("-inf"), logq.exp() * torch.expm1(lp_k - logq), p_k)
+    full = valid.sum(-1) >= vocab_size  # K is the vocabulary: no off-K outcome at all
+    p_t = torch.where(full, 0.0, log_pt.exp())
     if variant == "renorm":
-        return torch.ones_like(log_qk), torch.where(valid, -(logq - log_qk[:, None]).exp(), zero)
+        return p_t, torch.where(valid, p_k - (logq - log_qk[:, None]).exp(), zero)
     log_qt = log1mexp(log_qk)
-    log_pt = log1mexp(torch.logsumexp(torch.where(valid, lp_k, ninf), -1))
-    has_tail = (log_qt > float("-inf")) & (valid.sum(-1) < vocab_size)  # as in row_losses_from_logp
-    r = torch.where(has_tail, (log_qt - log_pt).exp(), torch.zeros_like(log_qt))  # 0/0 := 0
-    b = torch.where(valid, r[:, None] * lp_k.exp() - logq.exp(), zero)
-    return 1.0 - r, b
+    has_tail = (log_qt > float("-inf")) & ~full  # as in row_losses_from_logp
+    q_t = torch.where(has_tail, log_qt, float("-inf")).exp()
+    return p_t - q_t, torch.where(valid, p_minus_q, zero)
+
+
+def dense_form(a, b, lp_k, log_pt, valid):
+    """The same gradient as g = a' * p + b' over the whole vocabulary (the Triton backward's shape).
+
+    a' = a / p_t and b' = b - a' p_K. This re-adds the cancellation that ``kd_coefficients`` avoids;
+    only the Triton path still uses it (its forward does not yet accumulate the off-K sums).
+    """
+    p_t = log_pt.double().exp()
+    a2 = torch.where(p_t > 0, a / p_t.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return a2, torch.where(valid, b - a2[:, None] * lp_k.double().exp(), 0.0)
 
 
 class _SparseKDChunked(torch.autograd.Function):
@@ -96,49 +177,54 @@ class _SparseKDChunked(torch.autograd.Function):
         T = opts.temperature
         h = hidden.to(dt) / T  # (N, H): temperature folded into the hidden state
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        lse, pw = stream_lse(h, weight, opts.chunk_size, with_pw=need_dh)  # (N,), (N, H)
         valid = topk_ids >= 0
         if mask is not None:
             valid = valid & mask.bool()[:, None]
         row_valid = valid.any(-1)  # (N,)
         idx = topk_ids.long().clamp(min=0)  # (N, k); padding points at id 0 and is masked by `valid`
-        lp_k = gathered_logits(h, weight, idx) - lse[:, None]  # (N, k) student log p on K
+        # (N,) full LSE, (N,) off-K LSE, (N, H) off-K mean head row: one streamed pass (plus exact redo rows)
+        lse, log_off, pw = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
+        # (N, k) student log p on K, (N,) its off-K log mass summed directly; both fp64
+        lp_k, log_pt = student_logp_k(gathered_logits(h, weight, idx), log_off, valid)
         v = weight.shape[0]
-        c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t.to(dt)
-        logq = topk_logprobs.to(dt) / T - c.to(dt)[:, None]  # (N, k)
-        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v)
+        c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
+        logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) teacher math in fp64
+        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
         loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
         n_valid = int(row_valid.sum())
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v)
+        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt)  # fp64
         a = torch.where(row_valid, a, torch.zeros_like(a))
         ctx.opts, ctx.n_valid, ctx.in_dtypes = opts, n_valid, (hidden.dtype, weight.dtype)
-        ctx.save_for_backward(h if need_dw else None, weight, idx, a, b, lse, pw)
+        ctx.save_for_backward(h if need_dw else None, weight, idx, valid, a, b, log_off, pw)
         if opts.reduction == "none":
             return loss
         return loss.sum() if opts.reduction == "sum" else loss.sum() / max(n_valid, 1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, idx, a, b, lse, pw = ctx.saved_tensors
+        h, weight, idx, valid, a, b, log_off, pw = ctx.saved_tensors
         opts: KDOptions = ctx.opts
         T = opts.temperature
-        # per-row factor: upstream grad x reduction x T^2 x (1/T) from s = z / T
-        w = grad_out.to(a.dtype) * T
+        # per-row factor: upstream grad x reduction x T^2 x (1/T) from s = z / T; formed in fp64, one cast
+        w = grad_out.double() * T
         if opts.reduction == "mean":
             w = w / max(ctx.n_valid, 1)
         w = w.expand(a.shape) if w.dim() == 0 else w  # (N,)
         wa, wb = w * a, w[:, None] * b  # (N,), (N, k)
         dh = dw = None
         if ctx.needs_input_grad[0]:
-            dh = (wa[:, None] * pw + sparse_matvec(wb, weight, idx)).to(ctx.in_dtypes[0])
+            dt = pw.dtype
+            dh = (wa.to(dt)[:, None] * pw + sparse_matvec(wb.to(dt), weight, idx)).to(ctx.in_dtypes[0])
         if ctx.needs_input_grad[1]:
-            # dW = T^2 g^T (h / T) = (w (a p + b))^T h = T (w (a p + b))^T h' with the saved h' = h / T;
-            # p is recomputed chunk by chunk from the saved lse
-            wa, wb = wa * T, wb * T
-            dw32 = torch.empty(weight.shape, dtype=h.dtype, device=h.device)
+            # dW = T^2 g^T (h / T) = T (w g)^T h' with the saved h' = h / T; off K, g = a p_v / p_t is recomputed
+            # chunk by chunk from the saved off-K LSE (K columns get their part from b below)
+            dt = h.dtype
+            wa, wb = (wa * T).to(dt), (wb * T).to(dt)
+            dw32 = torch.empty(weight.shape, dtype=dt, device=h.device)
             for v0 in range(0, weight.shape[0], opts.chunk_size):
-                wc = weight[v0 : v0 + opts.chunk_size].to(h.dtype)
-                p = (h @ wc.t()).sub_(lse[:, None]).exp_().mul_(wa[:, None])  # (N, C) = w a p
+                wc = weight[v0 : v0 + opts.chunk_size].to(dt)
+                p = (h @ wc.t()).sub_(log_off[:, None]).exp_()  # (N, C) = p_v / p_t
+                p.masked_fill_(chunk_k_mask(idx, valid, v0, p.shape[1]), 0.0).mul_(wa[:, None])
                 dw32[v0 : v0 + opts.chunk_size] = p.t() @ h
             dw32.index_add_(0, idx.reshape(-1), (wb[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
             dw = dw32.to(ctx.in_dtypes[1])

@@ -49,31 +49,50 @@ def derive_lse_t(
 
 
 def row_losses_from_logp(
-    lp_k: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor, variant: str, vocab_size: int
+    lp_k: torch.Tensor,
+    logq: torch.Tensor,
+    valid: torch.Tensor,
+    variant: str,
+    vocab_size: int,
+    log_pt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row SPEC section 2 loss from the student's log p on K and the teacher's log q on K.
 
+    ``log_pt`` is the student's off-K log mass, accumulated directly over the off-K tokens (never as
+    1 - P_K: once p_t is below the fp32 resolution of P_K that difference rounds to 0 and the loss to inf).
+    None falls back to log1mexp(LSE_K log p), exact only while p_t is well above 1e-7.
+    The (N, k) row math runs in float64 (it is tiny next to the GEMMs); the result has lp_k's dtype.
     When K covers the whole vocabulary, q_t = p_t = 0 exactly (their computed values are rounding residue).
 
     Shape:
-        lp_k (N, k), logq (N, k), valid (N, k) bool -> (N,)
+        lp_k (N, k), logq (N, k), valid (N, k) bool, log_pt (N,) -> (N,)
     """
+    out_dt = lp_k.dtype
+    lp_k, logq = lp_k.double(), logq.double()
     ninf = torch.full_like(logq, float("-inf"))
     logq_m = torch.where(valid, logq, ninf)
     log_qk = torch.logsumexp(logq_m, -1)  # (N,) log Q_K
+    lp_safe = torch.where(valid, lp_k, torch.zeros_like(lp_k))
     if variant == "renorm":
         logqn = torch.where(valid, logq - log_qk[:, None], torch.zeros_like(logq))
-        lp_safe = torch.where(valid, lp_k, torch.zeros_like(lp_k))
-        return torch.where(valid, logqn.exp() * (logqn - lp_safe), torch.zeros_like(logq)).sum(-1)
-    q = torch.where(valid, logq, ninf).exp()
-    lp_safe = torch.where(valid, lp_k, torch.zeros_like(lp_k))
+        return torch.where(valid, logqn.exp() * (logqn - lp_safe), torch.zeros_like(logq)).sum(-1).to(out_dt)
+    q = logq_m.exp()
     loss_k = torch.where(valid, q * (torch.where(valid, logq, 0.0) - lp_safe), torch.zeros_like(logq)).sum(-1)
     log_qt = log1mexp(log_qk)  # (N,) log q_t, computed in log space
-    log_pt = log1mexp(torch.logsumexp(torch.where(valid, lp_k, ninf), -1))  # (N,) log p_t
+    if log_pt is None:
+        log_pt = log1mexp(torch.logsumexp(torch.where(valid, lp_k, ninf), -1))
+    log_pt = log_pt.double()
     has_tail = (log_qt > float("-inf")) & (valid.sum(-1) < vocab_size)  # 0 log 0 = 0: no tail, no tail term
     qt = torch.where(has_tail, log_qt, 0.0).exp()
     tail = torch.where(has_tail, qt * (torch.where(has_tail, log_qt, 0.0) - torch.where(has_tail, log_pt, 0.0)), 0.0)
-    return loss_k + tail
+    return (loss_k + tail).to(out_dt)
+
+
+def offk_mask(topk_ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, V) bool: True on each row's valid K ids (duplicates and padding safe). Eager only."""
+    hits = torch.zeros(topk_ids.shape[0], vocab_size, dtype=torch.int32, device=topk_ids.device)
+    hits.scatter_add_(1, topk_ids.long().clamp(min=0), valid.int())
+    return hits > 0
 
 
 def reduce_rows(loss: torch.Tensor, row_valid: torch.Tensor, opts: KDOptions) -> torch.Tensor:
@@ -110,8 +129,9 @@ def sparse_kd_eager(
     lp_k = logp.gather(1, topk_ids.long().clamp(min=0))  # (N, k)
     v = weight.shape[0]
     c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
-    logq = topk_logprobs.to(dt) / T - c.to(dt)[:, None]  # (N, k) log q_j = l_j / T - c_T
-    loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v)
+    logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) log q_j = l_j / T - c_T, teacher math in fp64
+    log_pt = torch.logsumexp(logp.masked_fill(offk_mask(topk_ids, valid, v), float("-inf")), -1)  # (N,) direct
+    loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
     return reduce_rows(loss, valid.any(-1), opts)
 
 

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import gathered_logits, kd_coefficients, sparse_matvec
+from .chunked import dense_form, gathered_logits, kd_coefficients, sparse_matvec
 from .options import KDOptions
-from .reference import derive_lse_t, row_losses_from_logp
+from .reference import derive_lse_t, log1mexp, row_losses_from_logp
 
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64  # fixed tuned config; autotuning is not enabled by default
 FILTER_EPS = float(os.environ.get("SSB_KD_FILTER_EPS", "0"))
@@ -174,8 +174,10 @@ class _SparseKDTriton(torch.autograd.Function):
         logq = topk_logprobs.float() / T - c[:, None]
         loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v)
         loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v)
-        a = torch.where(row_valid, a, torch.zeros_like(a))
+        # not yet cancellation-free: this forward has no off-K sums, so p_t is 1 - P_K (see dense_form)
+        log_pt = log1mexp(torch.logsumexp(lp_k.masked_fill(~valid, float("-inf")), -1).clamp(max=0.0))
+        a, b = dense_form(*kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt), lp_k, log_pt, valid)
+        a, b = torch.where(row_valid, a, torch.zeros_like(a)).float(), b.float()
         ctx.opts, ctx.n_valid, ctx.ieee = opts, int(row_valid.sum()), ieee
         ctx.in_dtypes = (hidden.dtype, weight.dtype)
         ctx.save_for_backward(h, w, idx, a, b, lse)

@@ -1,0 +1,113 @@
+"""The regimes real models produce (issue 14): a confident student, teachers with tail mass 0 to 0.5.
+
+Every impl is checked against the float64 eager reference, whose student off-K mass is summed directly over
+the off-K tokens (so the oracle itself never forms 1 - P_K). Tolerances are normwise relative, with
+reduction="sum" so dh is O(1): a kernel returning zeros, inf or NaN cannot pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ssb_kernels.chunked import sparse_kd_chunked
+from ssb_kernels.options import KDOptions
+from ssb_kernels.reference import sparse_kd_eager
+
+RTOL = 1e-4  # the issue's target for fp32 on CPU, loss and dh
+
+
+def make_regime(n, h, v, k, lead, tail, temperature, seed):
+    """Student hidden/head whose top logit leads the rest by ``lead``; a teacher with tail mass ``tail``.
+
+    Returns fp32 tensors: hidden (n, h), weight (v, h), ids (n, k), logprobs (n, k), exact c_T (n,).
+    The teacher is a full-vocabulary distribution, so c_T = LSE_v(l_v / T) is exact (computed in fp64).
+    """
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h)
+    top = torch.randint(0, v, (n,), generator=g)
+    z = hid @ w.t()  # (n, v)
+    # one head row per student row is hard to share, so every row leads on its own token through a bias
+    # folded into h: append one hidden unit that is 1 for the row and selects its top token in W
+    hid = torch.cat([hid, torch.ones(n, 1, dtype=torch.float64)], 1)
+    w = torch.cat([w, torch.zeros(v, 1, dtype=torch.float64)], 1)
+    zmax = z.amax(1)
+    # W[top_r, -1] * 1 adds to z[r, top_r]; rows sharing a top token get the largest needed bump
+    bump = (zmax + lead - z.gather(1, top[:, None])[:, 0]).clamp(min=0)
+    for r in range(n):
+        w[top[r], -1] = max(float(w[top[r], -1]), float(bump[r]))
+    # teacher: K holds the student's top token plus k-1 random others; full-vocab log-probs with tail mass `tail`
+    rows = []
+    for r in range(n):
+        perm = torch.randperm(v, generator=g)
+        perm = torch.cat([top[r : r + 1], perm[perm != top[r]]])
+        rows.append(perm[:k])
+    ids = torch.stack(rows)  # (n, k) distinct per row, top token first
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
+    in_k = torch.zeros(n, v, dtype=torch.bool).scatter_(1, ids, True)
+    lk = torch.log_softmax(t.masked_fill(~in_k, float("-inf")), -1)
+    loff = torch.log_softmax(t.masked_fill(in_k, float("-inf")), -1)
+    full = torch.where(in_k, lk + math.log1p(-tail), loff + (math.log(tail) if tail > 0 else float("-inf")))
+    c = torch.logsumexp(full / temperature, -1)
+    return (hid.float(), w.float(), ids, full.gather(1, ids).float(), c.float())
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm().clamp(min=1e-300))
+
+
+def run(fn, hid, w, ids, lp, c, opts):
+    x = hid.clone().requires_grad_(True)
+    loss = fn(x, w, ids, lp, c, None, opts)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def check(hid, w, ids, lp, c, opts, impls):
+    ref_loss, ref_dh = run(sparse_kd_eager, hid.double(), w.double(), ids, lp.double(), c.double(), opts)
+    assert torch.isfinite(ref_loss).all() and float(ref_dh.norm()) > 0
+    for name, fn in impls.items():
+        loss, dh = run(fn, hid, w, ids, lp, c, opts)
+        assert torch.isfinite(loss).all() and torch.isfinite(dh).all(), f"{name}: non-finite loss {loss}"
+        e_l, e_h = rel(loss, ref_loss), rel(dh, ref_dh)
+        assert e_l <= RTOL and e_h <= RTOL, f"{name}: loss rel err {e_l:.2e}, dh rel err {e_h:.2e} (limit {RTOL})"
+
+
+CPU_IMPLS = {"eager": sparse_kd_eager, "chunked": sparse_kd_chunked}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lead=st.sampled_from([0.0, 3.0, 8.6, 15.0, 20.0, 30.0, 45.0, 60.0]),
+    tail=st.sampled_from([0.0, 1e-6, 1e-4, 0.05, 0.4, 0.5]),
+    temperature=st.sampled_from([1.0, 2.0]),
+    k=st.sampled_from([1, 5, 16]),
+    variant=st.sampled_from(["tail", "renorm"]),
+    reduction=st.sampled_from(["sum", "mean", "none"]),
+    seed=st.integers(0, 1000),
+)
+def test_confident_student_matches_float64(lead, tail, temperature, k, variant, reduction, seed):
+    hid, w, ids, lp, c = make_regime(6, 24, 1003, k, lead, tail, temperature, seed)
+    check(hid, w, ids, lp, c, KDOptions(temperature, variant, reduction, chunk_size=256), CPU_IMPLS)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_k_equals_vocab_confident(temperature):
+    hid, w, ids, lp, c = make_regime(5, 16, 64, 64, 40.0, 0.0, temperature, 3)
+    check(hid, w, ids, lp, c, KDOptions(temperature, "tail", "sum", chunk_size=24), CPU_IMPLS)
+
+
+@pytest.mark.parametrize("lead,tail", [(20.0, 0.4), (60.0, 1e-6), (0.0, 0.05)])
+def test_gemma_sized_vocab(lead, tail):
+    hid, w, ids, lp, c = make_regime(3, 8, 262_144, 16, lead, tail, 1.0, 7)
+    check(hid, w, ids, lp, c, KDOptions(1.0, "tail", "sum", chunk_size=32_768), CPU_IMPLS)
+
+
+def test_lead_past_fp32_exp_range_takes_the_exact_offk_pass():
+    # at lead 120 the off-K sum underflows against the row max in fp32; the redo pass keeps it exact
+    hid, w, ids, lp, c = make_regime(4, 16, 777, 8, 120.0, 0.4, 1.0, 11)
+    check(hid, w, ids, lp, c, KDOptions(1.0, "tail", "sum", chunk_size=100), {"chunked": sparse_kd_chunked})
