@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .options import KDOptions, TopkOptions
-from .reference import derive_lse_t, log1mexp, math_dtype, row_losses_from_logp
+from .reference import derive_lse_t, log1mexp, math_dtype, row_losses_from_logp, student_logp_k
 
 GATHER_ELEMS = 1 << 20  # elements per (rows, k, H) block of gathered head rows W[ids]
 
@@ -109,26 +109,6 @@ def exact_offk(h, weight, chunk, with_pw, idx, valid):
         if pw is not None:
             pw[redo] = pw_r
     return lse, log_off, pw
-
-
-def student_logp_k(s_k: torch.Tensor, log_off: torch.Tensor, valid: torch.Tensor):
-    """log p on K and log p_t in fp64, relative to the largest K logit M, so p_j near 1 keeps its deficit.
-
-    lse = M + log1p(sum_{K, not argmax} exp(s_K - M) + exp(log_off - M)): when the student's top token leads by
-    60, its log p is -exp(-60), which s_top - lse (two numbers near 60) would round to 0 even in fp64.
-
-    Shape:
-        s_k (N, k) student logits z/T on K, log_off (N,) off-K LSE of z/T, valid (N, k) -> lp_k (N, k), log_pt (N,)
-    """
-    s = s_k.double().masked_fill(~valid, float("-inf"))
-    big, arg = s.max(-1)
-    big = torch.where(torch.isfinite(big), big, log_off.double())  # no valid K id: the off-K LSE is the LSE
-    big = torch.where(torch.isfinite(big), big, 0.0)
-    e = (s - big[:, None]).exp().scatter(1, arg[:, None], 0.0)  # argmax's own term (1) left out
-    rest = e.sum(-1) + (log_off.double() - big).exp()
-    rest = torch.where(torch.isfinite(s.amax(-1)), rest, rest - 1.0)  # no K term at all: rest counted 1 too many
-    log_norm = torch.log1p(rest)  # lse - M
-    return (s - big[:, None]) - log_norm[:, None], log_off.double() - big - log_norm
 
 
 def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):

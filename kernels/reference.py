@@ -88,6 +88,30 @@ def row_losses_from_logp(
     return (loss_k + tail).to(out_dt)
 
 
+def student_logp_k(s_k: torch.Tensor, log_off: torch.Tensor, valid: torch.Tensor):
+    """log p on K and log p_t in fp64, relative to the largest K logit M, so p_j near 1 keeps its deficit.
+
+    lse = M + log1p(sum_{K, not argmax} exp(s_K - M) + exp(log_off - M)): when the student's top token leads by
+    60, its log p is -exp(-60), which s_top - lse (two numbers near 60) would round to 0 even in fp64.
+
+    Shape:
+        s_k (N, k) student logits z/T on K, log_off (N,) off-K LSE of z/T, valid (N, k) -> lp_k (N, k), log_pt (N,)
+    """
+    s = s_k.double().masked_fill(~valid, float("-inf"))
+    big, arg = s.max(-1)
+    big = torch.where(torch.isfinite(big), big, log_off.double())  # no valid K id: the off-K LSE is the LSE
+    big = torch.where(torch.isfinite(big), big, 0.0)
+    # the argmax's difference is a constant 0, not s_top - big: under autograd that would add +1 and -1 to
+    # s_top's gradient and round away the p_t-sized remainder (the whole gradient of a confident row)
+    d = (s - big[:, None]).scatter(1, arg[:, None], 0.0)
+    e = d.exp().scatter(1, arg[:, None], 0.0)  # argmax's own term (1) left out
+    rest = e.sum(-1) + (log_off.double() - big).exp()
+    rest = torch.where(torch.isfinite(s.amax(-1)), rest, rest - 1.0)  # no K term at all: rest counted 1 too many
+    log_norm = torch.log1p(rest)  # lse - M
+    d = torch.where(valid, d, float("-inf"))
+    return d - log_norm[:, None], log_off.double() - big - log_norm
+
+
 def offk_mask(topk_ids: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(N, V) bool: True on each row's valid K ids (duplicates and padding safe). Eager only."""
     hits = torch.zeros(topk_ids.shape[0], vocab_size, dtype=torch.int32, device=topk_ids.device)
@@ -122,15 +146,15 @@ def sparse_kd_eager(
     """
     dt = math_dtype(hidden, weight)
     T = opts.temperature
-    logp = torch.log_softmax((hidden.to(dt) @ weight.to(dt).t()) / T, -1)  # (N, V) student log p at T
+    z = (hidden.to(dt) @ weight.to(dt).t()) / T  # (N, V) student logits at T
     valid = topk_ids >= 0
     if mask is not None:
         valid = valid & mask.bool()[:, None]
-    lp_k = logp.gather(1, topk_ids.long().clamp(min=0))  # (N, k)
     v = weight.shape[0]
+    log_off = torch.logsumexp(z.masked_fill(offk_mask(topk_ids, valid, v), float("-inf")), -1)  # (N,) direct
+    lp_k, log_pt = student_logp_k(z.gather(1, topk_ids.long().clamp(min=0)), log_off, valid)  # fp64
     c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
     logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) log q_j = l_j / T - c_T, teacher math in fp64
-    log_pt = torch.logsumexp(logp.masked_fill(offk_mask(topk_ids, valid, v), float("-inf")), -1)  # (N,) direct
     loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
     return reduce_rows(loss, valid.any(-1), opts)
 

@@ -31,15 +31,11 @@ def make_regime(n, h, v, k, lead, tail, temperature, seed):
     w = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h)
     top = torch.randint(0, v, (n,), generator=g)
     z = hid @ w.t()  # (n, v)
-    # one head row per student row is hard to share, so every row leads on its own token through a bias
-    # folded into h: append one hidden unit that is 1 for the row and selects its top token in W
-    hid = torch.cat([hid, torch.ones(n, 1, dtype=torch.float64)], 1)
-    w = torch.cat([w, torch.zeros(v, 1, dtype=torch.float64)], 1)
-    zmax = z.amax(1)
-    # W[top_r, -1] * 1 adds to z[r, top_r]; rows sharing a top token get the largest needed bump
-    bump = (zmax + lead - z.gather(1, top[:, None])[:, 0]).clamp(min=0)
-    for r in range(n):
-        w[top[r], -1] = max(float(w[top[r], -1]), float(bump[r]))
+    # one extra hidden unit per row (one-hot) lets row r raise its own top token alone: W[top_r, H + r] = bump_r
+    hid = torch.cat([hid, torch.eye(n, dtype=torch.float64)], 1)
+    w = torch.cat([w, torch.zeros(v, n, dtype=torch.float64)], 1)
+    bump = z.amax(1) + lead - z.gather(1, top[:, None])[:, 0]  # (n,) so that z[r, top_r] = max_r + lead
+    w[top, h + torch.arange(n)] = bump
     # teacher: K holds the student's top token plus k-1 random others; full-vocab log-probs with tail mass `tail`
     rows = []
     for r in range(n):
