@@ -1,6 +1,6 @@
 """ssb_kernels: fused sparse top-k distillation kernels (Triton) and their eager/chunked references.
 
-Public API (SPEC.md section 4): `sparse_kd_loss` (training loss) and `topk_logprobs` (teacher capture).
+Public API (docs/SPEC.md section 6): `sparse_kd_loss` (training loss) and `topk_logprobs` (teacher capture).
 """
 
 if __name__ == "ssb_kernels":

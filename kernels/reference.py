@@ -1,4 +1,4 @@
-"""Eager reference: SPEC.md sections 1-3 written out on full logits (tests and benchmarks only).
+"""Eager reference: docs/SPEC.md sections 1-4 written out on full logits (tests and benchmarks only).
 
 This file is the spec in code. It materialises the (N, V) logits, so it is only for small shapes, for
 tests (run in float64 it is the ground-truth oracle) and as the benchmark baseline. Gradients come from

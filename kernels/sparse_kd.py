@@ -1,4 +1,4 @@
-"""Public sparse top-k KD loss: LM head x temperature KL against a sparse teacher (SPEC.md sections 1-4)."""
+"""Public sparse top-k KD loss: LM head x temperature KL against a sparse teacher (docs/SPEC.md sections 1-4 and 6)."""
 
 from __future__ import annotations
 

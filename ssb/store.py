@@ -1,4 +1,4 @@
-"""The teacher store: sparse top-k teacher log-probs in sha256-verified safetensors shards (SPEC.md section 5).
+"""The teacher store: sparse top-k teacher log-probs in sha256-verified safetensors shards (docs/SPEC.md section 5).
 
 Layout of a store directory::
 

@@ -1,4 +1,4 @@
-"""``ssb capture``: run the teacher view once and store its sparse top-k log-probs (SPEC.md section 5).
+"""``ssb capture``: run the teacher view once and store its sparse top-k log-probs (docs/SPEC.md section 5).
 
 For every curated example the teacher sequence is ``chat_template([system, hinted user], generation prompt)``
 followed by ``reply_ids(reply)`` (ending with end-of-turn); the R rows are the positions that predict the reply
