@@ -127,16 +127,18 @@ def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):
     log_qk = torch.logsumexp(torch.where(valid, logq, ninf), -1)  # (N,)
     zero = torch.zeros_like(logq)
     p_k = torch.where(valid, lp_k.exp(), zero)
-    # p - q as q expm1(lp - lq): both are near 1 on a confident token, and their difference is what matters
-    p_minus_q = torch.where(logq > float("-inf"), logq.exp() * torch.expm1(lp_k - logq), p_k)
+
+    def p_minus(lq):  # p - q as q expm1(lp - lq): both are near 1 on a confident token, their difference matters
+        return torch.where(valid, torch.where(lq > float("-inf"), lq.exp() * torch.expm1(lp_k - lq), p_k), zero)
+
     full = valid.sum(-1) >= vocab_size  # K is the vocabulary: no off-K outcome at all
     p_t = torch.where(full, 0.0, log_pt.exp())
     if variant == "renorm":
-        return p_t, torch.where(valid, p_k - (logq - log_qk[:, None]).exp(), zero)
+        return p_t, p_minus(logq - log_qk[:, None])
     log_qt = log1mexp(log_qk)
     has_tail = (log_qt > float("-inf")) & ~full  # as in row_losses_from_logp
     q_t = torch.where(has_tail, log_qt, float("-inf")).exp()
-    return p_t - q_t, torch.where(valid, p_minus_q, zero)
+    return p_t - q_t, p_minus(logq)
 
 
 def dense_form(a, b, lp_k, log_pt, valid):

@@ -76,7 +76,7 @@ def check(hid, w, ids, lp, c, opts, impls):
 CPU_IMPLS = {"eager": sparse_kd_eager, "chunked": sparse_kd_chunked}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lead=st.sampled_from([0.0, 3.0, 8.6, 15.0, 20.0, 30.0, 45.0, 60.0]),
     tail=st.sampled_from([0.0, 1e-6, 1e-4, 0.05, 0.4, 0.5]),
