@@ -1,10 +1,11 @@
 """Chunked PyTorch path (the CPU default): streams over vocabulary chunks, never holds an (N, V) tensor.
 
 Forward, flash-attention style: per chunk of C vocabulary rows, s = (h / T) W_c^T (N, C); keep a running
-row max m, running sums l = sum exp(s - m) and l_off (the same over columns not in K), and, when hidden
-needs a gradient, acc = sum_{v not in K} exp(s - m) W_v (N, H). At the end lse = m + log l, the student's
-off-K mass p_t = l_off / l (summed directly, never 1 - P_K) and the off-K mean row acc / l_off, so the
-gradient of every variant (docs/SPEC.md: g = a * p_v / p_t off K + b on K) is available after one pass:
+row max m and a running sum l_off = sum exp(s - m) over the columns not in K (K's entries are zeroed by an
+index_fill on at most N k positions) and, when hidden needs a gradient, acc = sum_{v not in K} exp(s - m) W_v
+(N, H). The student's off-K mass is thus summed directly, never as 1 - P_K, and with the K logits it gives
+log p on K (``student_logp_k``). The gradient of every variant (docs/SPEC.md: g = a p_v / p_t off K, b on K)
+is then available after one pass:
     dL/dh = (1/T) (a * sum_{v not in K} (p_v / p_t) W_v + sum_K b_j W_j)
 That is 2 GEMMs per chunk (4NHV FLOPs), the same as eager's forward + backward, with O(N H + N C) memory.
 Only when ``weight`` requires grad does the backward stream the chunks again to form dW = g^T (h / T).
@@ -48,51 +49,47 @@ def sparse_matvec(b: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> t
     return out
 
 
-def chunk_k_mask(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> torch.Tensor:
-    """(N, c) bool: True where a column of the vocabulary chunk [v0, v0 + c) is one of the row's valid K ids.
+def chunk_k_flat(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> torch.Tensor:
+    """Flat positions, in an (N, c) chunk of the vocabulary [v0, v0 + c), of each row's valid K ids there.
 
-    Ids outside the chunk (and padding) are sent to a spare column c, so duplicate writes are all True.
+    At most N k entries, so masking K costs an index_fill on them, not another pass over the chunk.
     """
     local = idx - v0
     inr = valid & (local >= 0) & (local < c)
-    m = torch.zeros(idx.shape[0], c + 1, dtype=torch.bool, device=idx.device)
-    m.scatter_(1, torch.where(inr, local, c), True)
-    return m[:, :c]
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+    return (rows * c + local)[inr]
 
 
-def stream_lse(h, weight, chunk, with_pw, idx=None, valid=None, off_max=False):
-    """One pass over the vocabulary: the full LSE of h W^T and the off-K sums, accumulated directly.
+def stream_lse(h, weight, chunk, with_pw, idx, valid, off_max=False):
+    """One pass over the vocabulary with the K columns zeroed: the off-K sums, accumulated directly.
 
-    Returns lse (N,), log_off (N,) = LSE over the columns not in K, and, if ``with_pw``, the off-K mean
-    sum_{v not in K} softmax_off(v) W_v (N, H). The off-K sums share the running max of the full row, so they
-    underflow once the off-K logits sit ~87 below it; ``off_max=True`` runs the max over off-K columns only
-    (the exact fallback for those rows, at the cost of a second pass; lse is then the off-K LSE too).
-    No 1 - P_K anywhere: that difference is what rounds to 0 for a confident student.
+    Returns log_off (N,) = LSE over the columns not in K, l_off (N,) the off-K sum against the running max of
+    the whole row, and, if ``with_pw``, the off-K mean sum_{v not in K} softmax_off(v) W_v (N, H). The full LSE
+    is never needed: log p on K comes from the K logits and log_off (``student_logp_k``). Against the whole
+    row's max the off-K sum underflows once the off-K logits sit ~87 below it; ``off_max=True`` runs the max
+    over off-K columns only (the exact redo for those rows). No 1 - P_K anywhere.
     """
     n = h.shape[0]
     m = h.new_full((n,), float("-inf"))
-    l = h.new_zeros(n)
     l_off = h.new_zeros(n)
     acc = h.new_zeros(n, weight.shape[1]) if with_pw else None
     for v0 in range(0, weight.shape[0], chunk):
         wc = weight[v0 : v0 + chunk].to(h.dtype)  # (C, H)
         s = h @ wc.t()  # (N, C): the only chunk-sized buffer
-        km = chunk_k_mask(idx, valid, v0, s.shape[1]) if idx is not None else None
+        flat = chunk_k_flat(idx, valid, v0, s.shape[1])
         if off_max:
-            s.masked_fill_(km, float("-inf"))
+            s.view(-1).index_fill_(0, flat, float("-inf"))
         m_new = torch.maximum(m, s.amax(1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a row with every column excluded so far
         alpha = torch.exp(m - m_safe)  # rescales what was accumulated against the old max
         e = s.sub_(m_safe[:, None]).exp_()  # in place: exp(s - m_new)
-        l = l * alpha + e.sum(1)
-        e_off = e.masked_fill_(km, 0.0) if km is not None else e  # in place: the full sum is already taken
-        l_off = l_off * alpha + e_off.sum(1)
+        e.view(-1).index_fill_(0, flat, 0.0)  # K columns out: only off-K mass is summed
+        l_off = l_off * alpha + e.sum(1)
         if acc is not None:
-            acc = torch.addmm(acc * alpha[:, None], e_off, wc)  # acc * alpha + e_off @ W_c
+            acc = torch.addmm(acc * alpha[:, None], e, wc)  # acc * alpha + e_off @ W_c
         m = m_safe
-    lse = m + torch.log(l)
-    log_off = m + torch.log(l_off)
-    return lse, log_off, (acc / l_off.clamp(min=torch.finfo(l_off.dtype).tiny)[:, None] if acc is not None else None)
+    pw = acc / l_off.clamp(min=torch.finfo(l_off.dtype).tiny)[:, None] if acc is not None else None
+    return m + torch.log(l_off), l_off, pw
 
 
 # below this, the off-K sum taken against the full row max has lost fp32 precision (subnormal) or underflowed
@@ -100,15 +97,15 @@ OFFK_TINY = 1e-30
 
 
 def exact_offk(h, weight, chunk, with_pw, idx, valid):
-    """Full LSE, off-K LSE and off-K mean head row, with the off-K rows that underflowed redone exactly."""
-    lse, log_off, pw = stream_lse(h, weight, chunk, with_pw, idx, valid)
-    redo = (log_off - lse < torch.log(torch.tensor(OFFK_TINY, dtype=h.dtype))).nonzero()[:, 0]
+    """Off-K LSE and off-K mean head row, with the rows whose off-K sum underflowed redone exactly."""
+    log_off, l_off, pw = stream_lse(h, weight, chunk, with_pw, idx, valid)
+    redo = (l_off < OFFK_TINY).nonzero()[:, 0]
     if redo.numel():
-        _, lo, pw_r = stream_lse(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
+        lo, _, pw_r = stream_lse(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
         log_off[redo] = lo
         if pw is not None:
             pw[redo] = pw_r
-    return lse, log_off, pw
+    return log_off, pw
 
 
 def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):
@@ -164,8 +161,8 @@ class _SparseKDChunked(torch.autograd.Function):
             valid = valid & mask.bool()[:, None]
         row_valid = valid.any(-1)  # (N,)
         idx = topk_ids.long().clamp(min=0)  # (N, k); padding points at id 0 and is masked by `valid`
-        # (N,) full LSE, (N,) off-K LSE, (N, H) off-K mean head row: one streamed pass (plus exact redo rows)
-        lse, log_off, pw = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
+        # (N,) off-K LSE, (N, H) off-K mean head row: one streamed pass (plus exact redo rows)
+        log_off, pw = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
         # (N, k) student log p on K, (N,) its off-K log mass summed directly; both fp64
         lp_k, log_pt = student_logp_k(gathered_logits(h, weight, idx), log_off, valid)
         v = weight.shape[0]
@@ -206,7 +203,8 @@ class _SparseKDChunked(torch.autograd.Function):
             for v0 in range(0, weight.shape[0], opts.chunk_size):
                 wc = weight[v0 : v0 + opts.chunk_size].to(dt)
                 p = (h @ wc.t()).sub_(log_off[:, None]).exp_()  # (N, C) = p_v / p_t
-                p.masked_fill_(chunk_k_mask(idx, valid, v0, p.shape[1]), 0.0).mul_(wa[:, None])
+                p.view(-1).index_fill_(0, chunk_k_flat(idx, valid, v0, p.shape[1]), 0.0)
+                p.mul_(wa[:, None])
                 dw32[v0 : v0 + opts.chunk_size] = p.t() @ h
             dw32.index_add_(0, idx.reshape(-1), (wb[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
             dw = dw32.to(ctx.in_dtypes[1])
