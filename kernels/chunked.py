@@ -60,7 +60,7 @@ def chunk_k_flat(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> tor
     return (rows * c + local)[inr]
 
 
-def stream_lse(h, weight, chunk, with_pw, idx, valid, off_max=False):
+def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False):
     """One pass over the vocabulary with the K columns zeroed: the off-K sums, accumulated directly.
 
     Returns log_off (N,) = LSE over the columns not in K, l_off (N,) the off-K sum against the running max of
@@ -98,10 +98,10 @@ OFFK_TINY = 1e-30
 
 def exact_offk(h, weight, chunk, with_pw, idx, valid):
     """Off-K LSE and off-K mean head row, with the rows whose off-K sum underflowed redone exactly."""
-    log_off, l_off, pw = stream_lse(h, weight, chunk, with_pw, idx, valid)
+    log_off, l_off, pw = stream_offk(h, weight, chunk, with_pw, idx, valid)
     redo = (l_off < OFFK_TINY).nonzero()[:, 0]
     if redo.numel():
-        lo, _, pw_r = stream_lse(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
+        lo, _, pw_r = stream_offk(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
         log_off[redo] = lo
         if pw is not None:
             pw[redo] = pw_r

@@ -54,13 +54,12 @@ def row_losses_from_logp(
     valid: torch.Tensor,
     variant: str,
     vocab_size: int,
-    log_pt: torch.Tensor | None = None,
+    log_pt: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row SPEC section 2 loss from the student's log p on K and the teacher's log q on K.
 
     ``log_pt`` is the student's off-K log mass, accumulated directly over the off-K tokens (never as
     1 - P_K: once p_t is below the fp32 resolution of P_K that difference rounds to 0 and the loss to inf).
-    None falls back to log1mexp(LSE_K log p), exact only while p_t is well above 1e-7.
     The (N, k) row math runs in float64 (it is tiny next to the GEMMs); the result has lp_k's dtype.
     When K covers the whole vocabulary, q_t = p_t = 0 exactly (their computed values are rounding residue).
 
@@ -79,8 +78,6 @@ def row_losses_from_logp(
     q = logq_m.exp()
     loss_k = torch.where(valid, q * (torch.where(valid, logq, 0.0) - lp_safe), torch.zeros_like(logq)).sum(-1)
     log_qt = log1mexp(log_qk)  # (N,) log q_t, computed in log space
-    if log_pt is None:
-        log_pt = log1mexp(torch.logsumexp(torch.where(valid, lp_k, ninf), -1))
     log_pt = log_pt.double()
     has_tail = (log_qt > float("-inf")) & (valid.sum(-1) < vocab_size)  # 0 log 0 = 0: no tail, no tail term
     qt = torch.where(has_tail, log_qt, 0.0).exp()

@@ -172,10 +172,10 @@ class _SparseKDTriton(torch.autograd.Function):
         v = w.shape[0]
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t.float()
         logq = topk_logprobs.float() / T - c[:, None]
-        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v)
-        loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
         # not yet cancellation-free: this forward has no off-K sums, so p_t is 1 - P_K (see dense_form)
         log_pt = log1mexp(torch.logsumexp(lp_k.masked_fill(~valid, float("-inf")), -1).clamp(max=0.0))
+        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
+        loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
         a, b = dense_form(*kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt), lp_k, log_pt, valid)
         a, b = torch.where(row_valid, a, torch.zeros_like(a)).float(), b.float()
         ctx.opts, ctx.n_valid, ctx.ieee = opts, int(row_valid.sum()), ieee
