@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .options import TopkOptions
-from .triton_sparse_kd import BLOCK_H, _logit_tile, _prep
+from .triton_sparse_kd import BLOCK_H, _logit_tile, _prep, launch_config
 
 BLOCK_N, BLOCK_V = 32, 128
 
@@ -30,7 +30,7 @@ def _topk_logprobs_fwd_kernel(
     id_ptr,  # (N, S, KP) int32 out: their vocabulary ids (-1 where empty)
     N, V, H, stride_h, stride_w, S, V_PER_SPLIT, NT,
     K: tl.constexpr, KP: tl.constexpr, TP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,7 +49,7 @@ def _topk_logprobs_fwd_kernel(
         cols = v0 + vcol
         col_ok = cols < v_end
         z = _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
-                        BLOCK_N, BLOCK_V, BLOCK_H, IEEE)  # fmt: skip
+                        BLOCK_N, BLOCK_V, BLOCK_H, PREC)  # fmt: skip
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         d = z - m_new[:, None]  # (BLOCK_N, BLOCK_V) <= 0
@@ -81,7 +81,7 @@ def topk_logprobs_triton(
     hidden: torch.Tensor, weight: torch.Tensor, opts: TopkOptions
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``topk_logprobs``: ids (N, k) int64, logprobs (N, k) fp32, lse_t (N, nT) fp32."""
-    h, w, ieee = _prep(hidden, weight)
+    h, w, prec = _prep(hidden, weight)
     n, hd = h.shape
     v, k = w.shape[0], opts.k
     temps = (1.0,) + tuple(opts.temperatures)  # column 0: T = 1 normalises everything
@@ -102,7 +102,7 @@ def topk_logprobs_triton(
     ids = torch.empty(n, splits, kp, dtype=torch.int32, device=dev)
     _topk_logprobs_fwd_kernel[(n_tiles, splits)](
         h, w, tt, m, l, vals, ids, n, v, hd, h.stride(0), w.stride(0), splits, per, len(temps),
-        K=k, KP=kp, TP=tp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, IEEE=ieee,
+        K=k, KP=kp, TP=tp, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, PREC=prec, **launch_config(h.device),
     )  # fmt: skip
     lse = torch.logsumexp(m[:, :, None] / tt + torch.log(l[:, :, : len(temps)]), 1)  # (N, 1 + nT)
     best, pos = vals.reshape(n, -1).topk(k, -1)  # sorted descending
