@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU kernel suite in one command, on a bare CUDA machine (torch + triton preinstalled, no hub, no pip index):
-#   bash bench/gpu.sh            # correctness (pytest gpu tests if pytest exists) + quick bench (< 10 min)
+#   bash bench/gpu.sh            # correctness first (fatal on a mismatch) + quick bench (< 10 min)
 #   bash bench/gpu.sh --full     # all Qwen2.5-3B shapes (N = 1k, 4k, 8k, 16k), 10 rounds each
 # Writes bench/results/<device>-<commit>.json (kernels) and, when pytest is there, bench/results/<device>-<commit>/
 # (suite files: the Qwen2.5-3B QLoRA training step, fused vs eager, and the max context under a 24 GiB cap via
@@ -35,14 +35,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 status=0
 DEV="$(cd bench && "$PY" -c 'from hardware import device_name; print(device_name())')"
 RUN="$DEV-$SSB_COMMIT"
+fail_loudly() {
+  echo "########################################################################" >&2
+  echo "## KERNEL CORRECTNESS FAILED on $DEV ($1): no benchmark is run on wrong kernels" >&2
+  echo "########################################################################" >&2
+  exit 1
+}
 if [[ " $SUITES " != *" kernels "* ]]; then
   :
 elif "$PY" -c "import pytest" 2>/dev/null; then
-  echo "== pytest: kernel correctness on CUDA (bf16/fp16/fp32, oracle in float64)"
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels.py \
-    -m "not slow" || status=1
+  # first, and fatal: inputs on the device, reduction sum, normwise relative tolerances vs float64
+  echo "== pytest: kernel correctness on CUDA (fp32/bf16/fp16, confident-student regimes, oracle in float64)"
+  timeout 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -m "not slow" \
+    || fail_loudly "tests/test_kernels_triton.py"
 else
-  echo "== pytest not installed: correctness runs inside bench/kd_gpu.py only"
+  echo "== pytest not installed: correctness runs first inside bench/kd_gpu.py (fatal there too)"
 fi
 if [[ " $SUITES " == *" kernels "* ]]; then
   echo "== bench: providers eager / chunked / triton / gemm3 (+ liger, cce when installed)"

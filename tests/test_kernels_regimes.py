@@ -7,60 +7,14 @@ reduction="sum" so dh is O(1): a kernel returning zeros, inf or NaN cannot pass.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_cases import RTOL, make_regime, rel, run
 from ssb_kernels.chunked import sparse_kd_chunked
 from ssb_kernels.options import KDOptions
 from ssb_kernels.reference import sparse_kd_eager
-
-RTOL = 1e-4  # the issue's target for fp32 on CPU, loss and dh
-
-
-def make_regime(n, h, v, k, lead, tail, temperature, seed):
-    """Student hidden/head whose top logit leads the rest by ``lead``; a teacher with tail mass ``tail``.
-
-    Returns fp32 tensors: hidden (n, h), weight (v, h), ids (n, k), logprobs (n, k), exact c_T (n,).
-    The teacher is a full-vocabulary distribution, so c_T = LSE_v(l_v / T) is exact (computed in fp64).
-    """
-    g = torch.Generator().manual_seed(seed)
-    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
-    w = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h)
-    top = torch.randint(0, v, (n,), generator=g)
-    z = hid @ w.t()  # (n, v)
-    # one extra hidden unit per row (one-hot) lets row r raise its own top token alone: W[top_r, H + r] = bump_r
-    hid = torch.cat([hid, torch.eye(n, dtype=torch.float64)], 1)
-    w = torch.cat([w, torch.zeros(v, n, dtype=torch.float64)], 1)
-    bump = z.amax(1) + lead - z.gather(1, top[:, None])[:, 0]  # (n,) so that z[r, top_r] = max_r + lead
-    w[top, h + torch.arange(n)] = bump
-    # teacher: K holds the student's top token plus k-1 random others; full-vocab log-probs with tail mass `tail`
-    rows = []
-    for r in range(n):
-        perm = torch.randperm(v, generator=g)
-        perm = torch.cat([top[r : r + 1], perm[perm != top[r]]])
-        rows.append(perm[:k])
-    ids = torch.stack(rows)  # (n, k) distinct per row, top token first
-    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
-    in_k = torch.zeros(n, v, dtype=torch.bool).scatter_(1, ids, True)
-    lk = torch.log_softmax(t.masked_fill(~in_k, float("-inf")), -1)
-    loff = torch.log_softmax(t.masked_fill(in_k, float("-inf")), -1)
-    full = torch.where(in_k, lk + math.log1p(-tail), loff + (math.log(tail) if tail > 0 else float("-inf")))
-    c = torch.logsumexp(full / temperature, -1)
-    return (hid.float(), w.float(), ids, full.gather(1, ids).float(), c.float())
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref).norm() / ref.norm().clamp(min=1e-300))
-
-
-def run(fn, hid, w, ids, lp, c, opts):
-    x = hid.clone().requires_grad_(True)
-    loss = fn(x, w, ids, lp, c, None, opts)
-    loss.sum().backward()
-    return loss.detach(), x.grad
 
 
 def check(hid, w, ids, lp, c, opts, impls):
