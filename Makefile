@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-check clean
+.PHONY: demo test lint bench bench-check bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,9 +30,21 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --quick
 
+# Peers side by side (bench/peers.py): pinned, --no-deps, into .peers/ (gitignored), never into the venv.
+PEERS_DIR := .peers
+PEERS := axolotl==0.19.0 liger-kernel==0.8.5 trl==1.16.0 cut-cross-entropy==25.1.1
+PEERS_ARGS ?=
+
+$(PEERS_DIR)/.installed: Makefile
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(PEERS_DIR) $(PEERS)
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_DIR)/.installed
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
+
 # Compare bench/results/ with bench/baselines/<this device>.json (save one with `bench/check.py --save`).
 bench-check: $(STAMP)
 	$(BIN)/python bench/check.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(PEERS_DIR) runs .pytest_cache .benchmarks

@@ -4,7 +4,7 @@
     python bench/check.py                             # compare bench/results/ with this machine's baseline
     python bench/check.py --baseline B.json --results R.json --time-margin 0.2 --memory-margin 0.05 --dedicated
 
-Tracked figures are chosen by name (``figures`` of each entry, see bench/common.py):
+Tracked figures are chosen by name (``figures`` of each entry, see bench/measure.py):
   memory      ``*memory*``, ``*_bytes``, ``*_mb``, ``*_mib``, ``*_gb``, ``*_gib``, ``bytes_per_*``
               lower is better, always gated
   capacity    ``max_seq_len*`` (largest length under a memory cap); higher is better, always gated (memory margin)
@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import measure  # noqa: E402
 
 UNGATED = (
     "warmup_s",
@@ -70,7 +70,8 @@ def from_pytest_benchmark(data: dict[str, Any], *, skip_recorded: bool = False) 
     ``skip_recorded`` leaves out benchmarks that ``bench_record`` also wrote to a suite file."""
     ssb = data.get("ssb") or {}
     device = ssb.get("device") or data.get("machine_info", {}).get("device", "?")
-    meta = {"device": device, "device_type": "cpu" if str(device).startswith("cpu") else "cuda",
+    on_cpu = str(device).startswith("cpu") or str(device).endswith("(CPU)")
+    meta = {"device": device, "device_type": "cpu" if on_cpu else "cuda",
             "commit": ssb.get("commit"), "quick": ssb.get("quick"), "time": data.get("datetime")}  # fmt: skip
     entries = {}
     for b in data["benchmarks"]:
@@ -285,16 +286,19 @@ def table(rows: list[Row], *, everything: bool = False) -> str:
 
 
 def default_baseline() -> Path:
-    """``bench/baselines/<device label>.json``, the label of bench/hardware.py (``cpu-2core-amd-epyc``)."""
-    from hardware import device_name
+    """``bench/baselines/<device slug>.json`` (bench/hardware.py: ``amd-epyc-2-cores-cpu``)."""
+    from hardware import device_slug
 
-    return common.BENCH_DIR / "baselines" / f"{device_name()}.json"
+    return measure.BENCH_DIR / "baselines" / f"{device_slug()}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--results", nargs="+", default=[str(common.results_dir())], help="results folders/files (default: %(default)s)"
+        "--results",
+        nargs="+",
+        default=[str(measure.results_dir())],
+        help="results folders/files (default: %(default)s)",
     )
     ap.add_argument("--baseline", default=None, help="baseline file (default: bench/baselines/<this device>.json)")
     ap.add_argument("--save", action="store_true", help="write the results as the baseline instead of comparing")
@@ -314,11 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             if not combined["suites"]:
                 print(f"error: no results under {args.results}; run `pytest bench --quick` first", file=sys.stderr)
                 return 2
-            from ssb.files import atomic_write_json
-
             if args.merge and baseline.exists():
                 combined = merge_worst(_read(baseline), combined)
-            atomic_write_json(baseline, combined)
+            measure.write_json(baseline, combined)
             n = sum(len(s["entries"]) for s in combined["suites"].values())
             print(f"saved {n} entries from {len(combined['suites'])} suites to {baseline}")
             return 0

@@ -1,12 +1,8 @@
-"""Benchmark session setup: ``--quick``, results JSON under bench/results/, hardware/version/commit metadata.
+"""Benchmark session setup: ``--quick``, the ``bench`` marker, and the ``bench_record`` fixture.
 
-Two result files per run, both naming the hardware:
-- ``bench/results/<suite>.json`` (``bench_record`` fixture, see bench/common.py): one merged entry per
-  benchmark with params / figures / meta; ``bench/check.py`` gates these and ``bench/report.py`` tabulates them.
-- ``bench/results/<device>-<commit>.json``: the raw pytest-benchmark JSON of the run (unless
-  ``--benchmark-json`` is given); figures are in each benchmark's ``extra_info``.
-
-Every item under bench/ gets the ``bench`` marker; ``gpu``-marked items skip without CUDA. Use::
+Results go to ``bench/results/<suite>.json`` (``bench_record`` = ``measure.record``): one merged entry per
+benchmark with params / figures / meta (hardware, versions, commit, ``--quick``); ``bench/check.py`` gates them
+and ``bench/report.py`` tabulates them. ``gpu``-marked items skip without CUDA. Use::
 
     def test_x(benchmark, bench_record, quick):
         ...
@@ -23,10 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers import as top-level modules
 
-import common  # noqa: E402
+import measure  # noqa: E402
 from hardware import device_name, git_commit, versions  # noqa: E402
-
-RESULTS_DIR = common.results_dir()
 
 
 def pytest_addoption(parser):
@@ -34,40 +28,20 @@ def pytest_addoption(parser):
                      help="small shapes / few rounds: the whole CPU suite in under 5 minutes")  # fmt: skip
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    # must run before pytest-benchmark builds its session, which reads --benchmark-json
-    if getattr(config.option, "benchmark_json", "missing") is None and not config.option.collectonly:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = RESULTS_DIR / f"{device_name()}-{git_commit()}.json"
-
-
 def pytest_collection_modifyitems(config, items):
-    bench_dir = Path(__file__).resolve().parent
-    try:
-        import torch
+    import torch
 
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
+    bench_dir = Path(__file__).resolve().parent
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if bench_dir in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.bench)
-            if "gpu" in item.keywords and not has_cuda:
+            if "gpu" in item.keywords and not torch.cuda.is_available():
                 item.add_marker(skip_gpu)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import torch
-
-    machine_info["device"] = device_name()
-    machine_info["threads"] = torch.get_num_threads()
-    machine_info.update(versions())
-
-
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["ssb"] = {"device": device_name(), "commit": git_commit(), "quick": config.getoption("--quick")}
+    machine_info.update(device=device_name(), commit=git_commit(), **versions())
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +52,9 @@ def quick(request) -> bool:
 
 @pytest.fixture(scope="session")
 def bench_record(quick: bool):
-    """``bench_record(suite, name, figures, params=None, *, device=None, benchmark=None)`` -> entry dict.
-
-    Writes ``bench/results/<suite>.json`` atomically (``common.record``) with hardware, versions, commit and
-    the ``--quick`` flag as metadata; with ``benchmark`` also fills its ``extra_info``.
-    """
+    """``bench_record(suite, name, figures, params=None, *, device=None, benchmark=None)`` -> entry dict."""
 
     def rec(suite: str, name: str, figures: dict, params: dict | None = None, **kw):
-        return common.record(suite, name, figures, params, quick=quick, **kw)
+        return measure.record(suite, name, figures, params, quick=quick, **kw)
 
     return rec

@@ -20,9 +20,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import check  # noqa: E402
-import common  # noqa: E402
+import measure  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+OWN_TABLES = ("peers", "kd_auto")  # suites that print their own tables (bench/peers.py, bench/kd_auto.py)
 
 
 @dataclass
@@ -73,13 +74,13 @@ def load_rows(paths: list[Path]) -> list[Row]:
             flat = {}
         for msg in skipped:
             print(f"skipped {msg}", file=sys.stderr)
-        rows.extend(Row(p.name, name, entry) for name, entry in flat.items())
+        rows.extend(Row(p.name, name, entry) for name, entry in flat.items() if name.split("/")[0] not in OWN_TABLES)
     return rows
 
 
 def default_paths() -> list[str]:
     """bench/results and each folder in it (bench/gpu.sh writes one per device and commit)."""
-    top = common.results_dir()
+    top = measure.results_dir()
     return [str(top), *(str(d) for d in sorted(top.iterdir()) if d.is_dir())] if top.is_dir() else [str(top)]
 
 
@@ -148,8 +149,6 @@ def readme_section(rows: list[Row], plot: str | None) -> str:
 
 def write_readme(readme: Path, section: str) -> None:
     """Replace the marked section of ``readme`` (append markers at the end when absent); nothing else changes."""
-    from ssb.files import atomic_write_text
-
     text = readme.read_text() if readme.exists() else ""
     if text.count(START) > 1 or text.count(END) > 1:
         raise ValueError(f"{readme}: more than one {START} / {END} marker")
@@ -163,7 +162,9 @@ def write_readme(readme: Path, section: str) -> None:
         raise ValueError(f"{readme}: only one of {START} / {END} present; fix by hand")
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(readme, text)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
 
 
 def plot(rows: list[Row], out: Path) -> int:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     "and its sub-folders)")  # fmt: skip
     ap.add_argument("--readme", action="store_true", help="print the README section with its markers")
     ap.add_argument("--write", action="store_true", help="with --readme: rewrite the marked section of README.md")
-    ap.add_argument("--readme-path", default=str(common.REPO / "README.md"))
+    ap.add_argument("--readme-path", default=str(measure.REPO / "README.md"))
     ap.add_argument("--plot", default=None, help="write the PNG plot here (e.g. bench/results/bench.png)")
     args = ap.parse_args(argv)
     args.results = args.results or default_paths()

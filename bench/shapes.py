@@ -37,6 +37,17 @@ GPU_SHAPES = tuple(
 )
 ALL = {s.name: s for s in CPU_SHAPES + INTERPRETER_SHAPES + GPU_SHAPES}
 
+# bench/peers.py: the issue-16 side by side (N=2048, H=256, V=151,936, k=64, T=2) and its scaling grid
+PEER_K, PEER_T = 64, 2.0
+SCALE_N = (512, 1024, 2048, 4096, 8192)  # 16,384 in the GPU suite
+SCALE_V = (32000, QWEN_V, 262144)
+SCALE_H = (256, 1024)
+
+
+def peer_shape(n: int, h: int = 256, v: int = QWEN_V, k: int = PEER_K, t: float = PEER_T) -> KDShape:
+    """A side-by-side / scaling shape, named by its sizes (``n2048-h256-v151936``)."""
+    return KDShape(f"n{n}-h{h}-v{v}", n=n, h=h, v=v, k=k, temperature=t)
+
 
 def shapes_for(device: torch.device, quick: bool) -> tuple[KDShape, ...]:
     """GPU: the Qwen2.5-3B set (quick: N = 1k, 8k). CPU: the CPU set (quick: both, the target run once)."""
@@ -75,4 +86,5 @@ def make_kd_inputs(shape: KDShape, device: torch.device | str, seed: int = 0) ->
         "topk_logprobs": top.to(device),
         "lse_t": lse_t.to(device),
         "mask": torch.ones(n, dtype=torch.bool, device=device),
+        "temperature": t,
     }

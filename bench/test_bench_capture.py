@@ -12,13 +12,14 @@ import time
 
 import pytest
 import torch
-from common import peak_memory
+from measure import peak_memory
 
+from ssb.capture import capture, plan_capture
+from ssb.capture.hf import HFCapture
 from ssb.config import load_config
-from ssb.files import atomic_write_jsonl
-from ssb.prompts import student_messages, teacher_messages
+from ssb.core.files import atomic_write_jsonl
+from ssb.core.prompts import student_messages, teacher_messages
 from ssb.store import TeacherStore
-from ssb.teacher import HFCapture, capture, plan_capture
 
 QWEN_VOCAB = 151_936  # Qwen2.5 LM-head rows: what the reference's dense float32 store holds per token
 K = 64
@@ -30,7 +31,7 @@ def setup(tmp_path_factory, quick):
     """Model dir + curated files: 8 examples with --quick, else 32."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ssb.toy import build_tokenizer, problems, tokenizer_corpus
+    from ssb.toy.world import build_tokenizer, problems, tokenizer_corpus
 
     n = 8 if quick else 32
     root = tmp_path_factory.mktemp("bench-capture")
@@ -106,8 +107,8 @@ def test_bench_capture_hf(benchmark, bench_record, setup):
 @pytest.mark.vllm
 def test_bench_capture_vllm(benchmark, bench_record, setup):
     pytest.importorskip("vllm")
+    from ssb.capture.vllm import VLLMCapture
     from ssb.engines import vllm_lock
-    from ssb.teacher_vllm import VLLMCapture
 
     with vllm_lock():  # one vLLM instance at a time on a shared machine
         info = _run(benchmark, bench_record, setup, "vllm", lambda cfg: VLLMCapture(cfg))

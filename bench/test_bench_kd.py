@@ -1,24 +1,23 @@
-"""Sparse top-k KD loss, forward + backward (grad to hidden, frozen head), across providers and shapes.
+"""Sparse top-k KD loss, forward + backward (grad to hidden, frozen head), ours across shapes.
 
 Run: ``pytest bench/test_bench_kd.py [--quick]`` (GPU: ``bash bench/gpu.sh``). Providers (bench/kd_providers.py)
-share one setup factory (bench/shapes.py): ``eager`` (full logits), ``chunked`` (streaming PyTorch),
-``triton`` (CUDA, or CPU under TRITON_INTERPRET=1 on the tiny shape only), peers when installed (``liger``
-fused linear CE, ``cce`` Apple's cut cross-entropy: same GEMM work, a different loss), and on CUDA
-``gemm3``: the three bare N x H x V GEMMs a fused KD must do (forward logits, backward recompute, grad
-input), the speed-of-light. extra_info: tokens/s, TFLOP/s at 4NHV useful FLOPs (forward logits + grad
-input), fraction of peak (CUDA), peak extra memory (CUDA allocator; on CPU, the peak RSS growth of a fresh
-process, bench/kd_peak.py), device and versions. Compile/first-call time is reported as first_call_s.
-Figures go to ``bench/results/kd.json`` (``bench_record``) and the run's pytest-benchmark JSON.
+share one setup factory (bench/shapes.py): ``eager`` (full logits), ``chunked`` (streaming PyTorch), ``triton``
+(CUDA, or CPU under TRITON_INTERPRET=1 on the tiny shape only) and ``floor``, the bare GEMMs of chunked's 4NHV
+FLOPs (vocabulary chunks of 4096). The peers run side by side in their own processes: ``make bench-peers``
+(bench/peers.py). Figures: tokens/s, TFLOP/s at 4NHV, fraction of peak (CUDA), peak extra memory (CUDA
+allocator; on CPU the peak RSS growth of a fresh process, ``bench/peers.py --one``), first-call time apart;
+they go to ``bench/results/kd.json`` (``bench_record``).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from kd_peak import peak_extra_mb
-from kd_providers import PROVIDERS, figures, make_fn, skip_reason
+from kd_providers import PEERS, PROVIDERS, figures, make_fn, skip_reason
+from measure import run_child
 from shapes import INTERPRETER_SHAPES, KDShape, make_kd_inputs, shapes_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,7 +25,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def _cases():
     shapes = shapes_for(DEVICE, quick=False) + (INTERPRETER_SHAPES if DEVICE.type != "cuda" else ())
-    return [pytest.param(s, p, id=f"{s.name}-{p}") for s in shapes for p in PROVIDERS]
+    # the peers are measured side by side in their own processes by bench/peers.py (make bench-peers)
+    return [pytest.param(s, p, id=f"{s.name}-{p}") for s in shapes for p in PROVIDERS if p not in PEERS]
 
 
 @pytest.mark.parametrize("shape,provider", _cases())
@@ -52,7 +52,7 @@ def test_bench_sparse_kd(benchmark, bench_record, quick, shape: KDShape, provide
     if DEVICE.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = peak_extra_mb(shape.name, provider) if provider in ("eager", "chunked") else None
+        peak = _peak_extra_mib(shape, provider) if provider in ("eager", "chunked") else None
     info = figures(shape, provider, benchmark.stats.stats.min, first_s, peak)
     figs = {
         k: info.get(k) for k in ("tokens_per_s", "tflops_4nhv", "fraction_of_peak", "peak_extra_mib", "first_call_s")
@@ -61,3 +61,10 @@ def test_bench_sparse_kd(benchmark, bench_record, quick, shape: KDShape, provide
     params = {k: info[k] for k in ("shape", "provider", "n", "h", "v", "k", "dtype") if k in info}
     params.update(seq_len=shape.n, triton_interpret=info.get("triton_interpret"))
     bench_record("kd", f"{shape.name}/{provider}/{DEVICE.type}", figs, params, device=DEVICE, benchmark=benchmark)
+
+
+def _peak_extra_mib(shape: KDShape, provider: str) -> float:
+    """Peak RSS growth of one call in a fresh process (bench/peers.py child mode), inputs excluded."""
+    args = ["--one", provider, str(shape.n), str(shape.h), str(shape.v), "--repeats", "0",
+            "--t", str(shape.temperature), "--k", str(shape.k)]  # fmt: skip
+    return run_child(Path(__file__).parent / "peers.py", args, timeout=300)["peak_extra_mib"]

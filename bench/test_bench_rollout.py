@@ -15,11 +15,11 @@ import time
 
 import pytest
 import torch
-from common import peak_memory
+from measure import peak_memory
 
 from ssb.config import EngineConfig, ModelConfig
+from ssb.core.prompts import end_of_turn_id, prompt_ids, student_messages
 from ssb.engines import Sampling, make_engine, vllm_lock
-from ssb.prompts import end_of_turn_id, prompt_ids, student_messages
 
 K = 4
 RESULTS: dict[str, float] = {}  # provider -> tokens/s, for the speed-up figure
@@ -27,7 +27,7 @@ RESULTS: dict[str, float] = {}  # provider -> tokens/s, for the speed-up figure
 
 @pytest.fixture(scope="module")
 def workload(quick):
-    from ssb.toy import asset_path, problems
+    from ssb.toy.world import asset_path, problems
 
     path = asset_path()
     if not (path / "config.json").exists():

@@ -1,7 +1,7 @@
 """One full training step (forward to hidden states, sparse KD loss, backward, AdamW step), fused vs eager loss.
 
 Run: ``pytest bench/test_bench_train.py [--quick]``. Providers share one random-weight student per shape and
-the same inputs (``ssb.train_dryrun.Prober``, the trainer's own model/loss path): ``fused`` is
+the same inputs (``ssb.train.dryrun.Prober``, the trainer's own model/loss path): ``fused`` is
 ``loss_impl=auto`` (the chunked PyTorch path on CPU, Triton on CUDA), ``eager`` materialises the logits.
 Shapes: ``toy`` (the toy asset's size: hidden 256, 4 layers, 1,024-token vocabulary), ``toy-32k-vocab`` (the
 same body with a 32,768-token vocabulary, where the LM head starts to dominate), and on CUDA
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ssb.config import load_config
-from ssb.train_dryrun import PROMPT, Prober
+from ssb.train.dryrun import PROMPT, Prober
 
 TOY = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
        "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 4096}  # fmt: skip
@@ -57,7 +57,7 @@ def _prober(tmp_path_factory, shape: str, arch, qlora: bool, k: int, device: tor
 
 
 def _bench(benchmark, bench_record, quick, tmp_path_factory, shape, spec, impl, device) -> None:
-    from common import peak_memory, sync
+    from measure import peak_memory, sync
 
     arch, length, qlora, k = spec
     if quick:
