@@ -1,26 +1,22 @@
-"""``ssb <stage> --config FILE key=value ...``: one entry point for every pipeline stage.
+"""``ssb <stage> --config FILE key=value ...``: one entry point for every pipeline stage, ``ssb run`` and ``ssb demo``.
 
-Each stage module exposes ``run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int``. Stages read and
-write files under ``cfg.run_dir``. A stage whose module does not define ``run_stage`` yet fails with a clear
-"not implemented yet" error instead of a fake result.
+The stages come from the one registry, :data:`ssb.run.plan.STAGES`. This module is the only place that sees
+``argparse``: it turns a command line into a config plus the stage's typed keyword options, and never hands a
+``Namespace`` on.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ssb.config import ConfigError, load_config
+from ssb.run.plan import STAGES
 
-STAGES = {
-    "rollout": ("ssb.rollout", "sample K graded rollouts per problem"),
-    "curate": ("ssb.curation", "pick correct/wrong pairs and write hinted robust solutions"),
-    "capture": ("ssb.teacher", "capture sparse top-k teacher log-probs into a verified store"),
-    "train": ("ssb.trainer", "distil the stored teacher into a LoRA/QLoRA student"),
-    "eval": ("ssb.eval", "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy"),
-    "run": ("ssb.pipeline", "run every stage in order into one run directory (resumable)"),
-    "demo": ("ssb.pipeline", "the end-to-end demo on the embedded toy model, with a report"),
+COMMANDS = {
+    **{s.name: s.help for s in STAGES},
+    "run": "run every stage in order into one run directory (resumable)",
+    "demo": "the end-to-end demo on the embedded toy model, with a report",
 }
 
 
@@ -30,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Semantic Soft Bootstrapping: rollouts, curation, sparse teacher capture, fused KD training, eval.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (_, help_text) in STAGES.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
@@ -50,15 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.stage is None:
-        parser.print_help()
-        return 2
-    module_name, _ = STAGES[args.stage]
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names, with its options as typed keyword arguments."""
+    if args.stage == "capture" and args.inspect:
+        from ssb.store import print_inspect
+
+        print_inspect(args.inspect)
+        return 0
+    if args.stage == "eval" and args.compare:
+        from ssb.eval import compare_files
+
+        return compare_files(*args.compare, out=args.out)
     if args.stage == "demo" and args.config is None:
-        from ssb.demo import DEFAULT_CONFIG
+        from ssb.run.demo import DEFAULT_CONFIG
 
         args.config = DEFAULT_CONFIG
     try:
@@ -66,17 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ssb {args.stage}: config error: {e}", file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        module = None
-    entry = getattr(module, "run_demo" if args.stage == "demo" else "run_stage", None)
-    if entry is None:
-        print(f"ssb {args.stage}: not implemented yet ({module_name})", file=sys.stderr)
-        return 3
-    return int(entry(cfg, args) or 0)
+    if args.stage == "run":
+        from ssb.run.runner import run
+
+        return run(cfg, from_stage=args.from_stage)
+    if args.stage == "demo":
+        from ssb.run.demo import demo
+
+        return demo(cfg, out=args.out, from_stage=args.from_stage)
+    options = {
+        "eval": lambda: {"adapter": args.adapter, "out": args.out},
+        "train": lambda: {"resume": args.resume, "dry_run": args.dry_run},
+    }.get(args.stage, dict)()
+    stage = next(s for s in STAGES if s.name == args.stage)
+    return int(stage.run(cfg, **options) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    return dispatch(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Typed, frozen configuration for every stage, loaded from YAML plus dotted ``key=value`` overrides.
 
 One ``SSBConfig`` holds one dataclass per stage. Unknown keys and wrong types are errors that name the
-dotted key. The resolved config is saved next to every output with :func:`save_config`.
+dotted key, and so are values outside a key's choices (:data:`CHOICES`), negative temperatures and a
+``train.kd_temperature`` the teacher store will not hold exactly (:func:`validate`), all at load time. The
+resolved config is saved next to every output with :func:`save_config`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ssb.core.grading import GRADING_MODES
+from ssb.core.models import DTYPE_NAMES
 
 
 class ConfigError(ValueError):
@@ -52,24 +58,31 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    k: int = 4
+class SamplingConfig:
+    """The sampling block ``rollout`` and ``curate`` share (``ssb.engines.Sampling.from_config``)."""
+
     temperature: float = 0.8
-    top_k: int = 50
+    top_k: int = 50  # <= 0: off
     top_p: float = 1.0
     max_new_tokens: int = 8192
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class CurateConfig:
+class RolloutConfig(SamplingConfig):
+    k: int = 4  # samples per problem
+
+
+@dataclass(frozen=True)
+class CurateConfig(SamplingConfig):
+    temperature: float = 0.4
     target_pairs: int = 256
     attempts: int = 1  # robust solutions sampled per problem; the first correct one is kept (paper: 1)
-    temperature: float = 0.4
-    top_k: int = 50
-    top_p: float = 1.0
-    max_new_tokens: int = 8192
-    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    mode: str = "strict"  # how the final answer is found (ssb.core.grading.GRADING_MODES)
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
-    kd_temperature: float = 2.0
+    kd_temperature: float = 2.0  # must be one of capture.temperatures (exact c_T), unless approximate_c_t
+    approximate_c_t: bool = False  # opt-in: train at a T the store lacks, on the SPEC's one-token-tail c_T
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     variant: str = "tail"  # tail | renorm
@@ -143,12 +157,70 @@ class SSBConfig:
     rounds: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values checked at load
+
+KERNEL_IMPLS = ("auto", "triton", "chunked", "eager")
+PROTOCOL_NAMES = ("ssb-paper", "qwen-math", "r1")  # the presets of ssb.eval.protocols (a test keeps them equal)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPE_NAMES,
+    "grading.mode": GRADING_MODES,
+    "engine.backend": ("vllm", "hf"),
+    "capture.backend": ("hf", "vllm"),
+    "capture.value_dtype": ("float32", "float16"),
+    "capture.kernel_impl": KERNEL_IMPLS,
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.variant": ("tail", "renorm"),
+    "train.loss_impl": KERNEL_IMPLS,
+    "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "train.optimizer": ("adamw", "paged_adamw_8bit"),
+    "eval.protocol": PROTOCOL_NAMES,
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: SSBConfig) -> SSBConfig:
+    """Check what types alone cannot: choices, temperatures, rounds, and the c_T rule. Errors name the keys."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: expected one of {'|'.join(allowed)}, got {_get(cfg, key)!r}")
+    temps = {
+        "rollout.temperature": cfg.rollout.temperature,
+        "curate.temperature": cfg.curate.temperature,
+        "eval.temperature": cfg.eval.temperature,
+    }
+    for key, t in temps.items():
+        if t is not None and not (t >= 0 and math.isfinite(t)):
+            raise ConfigError(f"{key}: expected a temperature >= 0 (0 = greedy), got {t!r}")
+    for key, t in [("train.kd_temperature", cfg.train.kd_temperature)] + [
+        (f"capture.temperatures[{i}]", t) for i, t in enumerate(cfg.capture.temperatures)
+    ]:
+        if not (t > 0 and math.isfinite(t)):
+            raise ConfigError(f"{key}: expected a temperature > 0, got {t!r}")
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds: expected >= 1, got {cfg.rounds}")
+    t = cfg.train.kd_temperature
+    if cfg.train.kd_weight != 0 and t not in cfg.capture.temperatures and not cfg.train.approximate_c_t:
+        raise ConfigError(
+            f"train.kd_temperature={t} is not one of capture.temperatures={list(cfg.capture.temperatures)}, so the "
+            "store would not hold its exact c_T: add it to capture.temperatures, or set train.approximate_c_t=true "
+            "to train on the SPEC's one-token-tail approximation"
+        )
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +344,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     try:
-        return _build(SSBConfig, data)
+        return validate(_build(SSBConfig, data))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -298,7 +370,7 @@ def config_hash(section: Any) -> str:
 
 def save_config(cfg: SSBConfig, directory: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config next to a stage's outputs (atomically)."""
-    from ssb.files import atomic_write_text
+    from ssb.core.files import atomic_write_text
 
     path = Path(directory) / name
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

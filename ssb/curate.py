@@ -3,32 +3,43 @@
 For each problem (in rollout order) with at least one correct and one wrong boxed answer among its untruncated
 rollouts: pick a correct rollout and a rollout of the most common wrong answer (ties broken by an RNG seeded
 with (curate.seed, problem id), the choice recorded), build the hinted teacher prompt, and generate the robust
-solution (n=1, seed from (curate.seed, id, 0)). It is kept only when it stops by itself with a correct boxed
-answer. Stops at ``curate.target_pairs`` or when the problems run out, and says which.
+solution (``curate.attempts`` samples, seeds from (curate.seed, id, j)). It is kept only when it stops by itself
+with a correct boxed answer (:func:`ssb.core.grading.grade`, ``grading.mode``). Stops at ``curate.target_pairs``
+or when the problems run out, and says which.
 
 Outputs under ``RUN_DIR/curate/``: ``teacher.jsonl`` and ``student.jsonl`` (line i of each is the same example),
-``decisions.jsonl`` (every generated solution and its verdict, the audit log and the resume point),
-``curation_stats.json`` (one status per problem; the counts add up to the number of problems).
+``curation_stats.json`` (one status per problem, the counts add up to the number of problems; and the hinted
+teacher's per-attempt accuracy), and, private to this stage, ``decisions.jsonl`` (every generated solution and
+its verdict, the audit log and the resume point).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from tqdm import tqdm
 
 from ssb.config import SSBConfig, config_hash, save_config
+from ssb.core.files import (
+    InputError,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    iter_jsonl,
+    read_json,
+    resume_prefix,
+    sha256_file,
+    weights_stamp,
+)
+from ssb.core.grading import cluster_answers, grade
+from ssb.core.layout import RunLayout
+from ssb.core.prompts import prompt_ids, student_messages, teacher_messages
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
-from ssb.files import InputError, append_jsonl, atomic_write_json, atomic_write_jsonl, iter_jsonl, weights_stamp
-from ssb.prompts import prompt_ids, student_messages, teacher_messages
-from ssb.rollout import PROBLEMS, ROLLOUTS, STATS, resume_prefix
 
-DECISIONS = "decisions.jsonl"
-STATE = "state.json"
+DECISIONS = "decisions.jsonl"  # private: one line per generated candidate (audit log, resume point)
+STATE = "state.json"  # private: what the decisions on disk were made with
 # Every problem ends in exactly one of these (kept problems beyond the target count as not_reached).
 STATUSES = (
     "kept",
@@ -43,26 +54,27 @@ STATUSES = (
 _ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
 
 
-def read_rollouts(rollout_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
+def read_rollouts(layout: RunLayout) -> tuple[list[dict], dict[str, list[dict]]]:
     """Problems (in order) and their rollouts, validated: errors name the file, line and field."""
-    for name in (PROBLEMS, ROLLOUTS, STATS):
-        if not (rollout_dir / name).exists():
-            raise FileNotFoundError(f"{rollout_dir / name}: missing; run `ssb rollout` (to completion) first")
+    for path in (layout.problems, layout.rollouts, layout.rollout_stats):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run `ssb rollout` (to completion) first")
     problems = []
-    for line, rec in iter_jsonl(rollout_dir / PROBLEMS):
+    for line, rec in iter_jsonl(layout.problems):
         for key in ("id", "question", "answer"):
             if not isinstance(rec.get(key), str):
-                raise InputError(f"{rollout_dir / PROBLEMS}:{line}: field {key!r} must be a string")
+                raise InputError(f"{layout.problems}:{line}: field {key!r} must be a string")
         problems.append(rec)
     by_id: dict[str, list[dict]] = {p["id"]: [] for p in problems}
-    for line, rec in iter_jsonl(rollout_dir / ROLLOUTS):
+    path = layout.rollouts
+    for line, rec in iter_jsonl(path):
         for key, tp in _ROLLOUT_FIELDS.items():
             if not isinstance(rec.get(key), tp):
-                raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: field {key!r} must be {tp.__name__}")
+                raise InputError(f"{path}:{line}: field {key!r} must be {tp.__name__}")
         if rec["id"] not in by_id:
-            raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: id {rec['id']!r} is not in {PROBLEMS}")
+            raise InputError(f"{path}:{line}: id {rec['id']!r} is not in {layout.problems.name}")
         if rec.get("answer") is not None and not isinstance(rec["answer"], str):
-            raise InputError(f"{rollout_dir / ROLLOUTS}:{line}: field 'answer' must be a string or null")
+            raise InputError(f"{path}:{line}: field 'answer' must be a string or null")
         by_id[rec["id"]].append(rec)
     return problems, by_id
 
@@ -71,11 +83,9 @@ def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, 
     """Pick (correct, most-common-wrong) rollouts, or say why there is no pair.
 
     Only untruncated rollouts count; a wrong one must have a boxed answer. Wrong answers are grouped with
-    ``answers_equal``; among the most frequent groups, and within groups, an RNG seeded by (seed, id) decides.
-    Returns (status, choice) with status "ok", "no_correct" or "no_wrong".
+    :func:`ssb.core.grading.cluster_answers`; among the most frequent groups, and within groups, an RNG seeded by
+    (seed, id) decides. Returns (status, choice) with status "ok", "no_correct" or "no_wrong".
     """
-    from ssb.grading import answers_equal
-
     done = sorted((r for r in rollouts if r["finish_reason"] == "stop"), key=lambda r: r["sample"])
     correct = [r for r in done if r["correct"]]
     wrong = [r for r in done if not r["correct"] and r.get("answer") is not None]
@@ -83,13 +93,10 @@ def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, 
         return "no_correct", None
     if not wrong:
         return "no_wrong", None
-    groups: list[list[dict]] = []  # in order of first appearance
-    for r in wrong:
-        home = next((g for g in groups if answers_equal(r["answer"], g[0]["answer"])), None)
-        if home is None:
-            groups.append([r])
-        else:
-            home.append(r)
+    by_cluster: dict[int, list[dict]] = {}  # in order of first appearance
+    for r, c in zip(wrong, cluster_answers([r["answer"] for r in wrong]), strict=True):
+        by_cluster.setdefault(c, []).append(r)
+    groups = list(by_cluster.values())
     top = max(len(g) for g in groups)
     tied = [g for g in groups if len(g) == top]
     rng = random.Random(derive_seed(seed, problem_id, "pair"))
@@ -107,27 +114,14 @@ def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, 
     }
 
 
-def judge_solution(text: str, finish_reason: str, gold: str) -> str:
+def judge_solution(text: str, finish_reason: str, gold: str, mode: str = "strict") -> str:
     """Verdict on a robust solution: kept, truncated, no_boxed_answer or robust_wrong."""
-    from ssb.grading import extract_answer, is_correct
-
-    if finish_reason == "length":
+    verdict = grade(text, gold, finish_reason=finish_reason, mode=mode)
+    if verdict.status == "truncated":
         return "truncated"
-    if extract_answer(text) is None:
+    if verdict.answer is None:
         return "no_boxed_answer"
-    return "kept" if is_correct(text, gold) else "robust_wrong"
-
-
-def curate_sampling(cfg: SSBConfig) -> Sampling:
-    c = cfg.curate
-    return Sampling(
-        n=c.attempts,
-        temperature=c.temperature,
-        top_k=c.top_k,
-        top_p=c.top_p,
-        max_new_tokens=c.max_new_tokens,
-        seed=c.seed,
-    )
+    return "kept" if verdict.correct else "robust_wrong"
 
 
 def run_curation(
@@ -138,10 +132,10 @@ def run_curation(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Curate RUN_DIR/rollout into RUN_DIR/curate; return the stats dict (also written to curation_stats.json)."""
-    run_dir = Path(cfg.run_dir)
-    out_dir = run_dir / "curate"
+    layout = RunLayout(cfg.run_dir)
+    out_dir = layout.curate
     out_dir.mkdir(parents=True, exist_ok=True)
-    problems, by_id = read_rollouts(run_dir / "rollout")
+    problems, by_id = read_rollouts(layout)
     status: dict[str, str] = {}
     candidates = []  # (problem, choice) for problems with a pair, in problem order
     for p in problems:
@@ -154,12 +148,13 @@ def run_curation(
     # Resume: decisions.jsonl holds one line per generated candidate, in candidate order, whole batches.
     batch = max(1, cfg.engine.batch_size)
     state = {"curate": config_hash(cfg.curate), "model": config_hash(cfg.model), "backend": cfg.engine.backend}
+    state["grading"] = config_hash(cfg.grading)
     state["weights"] = weights_stamp(cfg.model.name_or_path)
-    state["rollouts"] = _digest(run_dir / "rollout" / ROLLOUTS)
+    state["rollouts"] = sha256_file(layout.rollouts)[:16]
     state["batch_size"] = batch
     path = out_dir / DECISIONS
     decisions: list[dict] = []
-    if resume and path.exists() and _read_json(out_dir / STATE) == state:
+    if resume and path.exists() and read_json(out_dir / STATE) == state:
         decisions = [r for _, r in iter_jsonl(path, tolerate_partial_tail=True)]
     start = resume_prefix(decisions, [p["id"] for p, _ in candidates], 1, batch)
     decisions = decisions[:start]
@@ -168,7 +163,7 @@ def run_curation(
 
     target = cfg.curate.target_pairs
     kept = sum(d["status"] == "kept" for d in decisions)
-    sampling = curate_sampling(cfg)
+    sampling = Sampling.from_config(cfg.curate, n=cfg.curate.attempts)
     owned = engine is None
     bar = tqdm(total=len(candidates), initial=start, unit="problem", desc="curate", dynamic_ncols=True)
     lo = start
@@ -177,7 +172,7 @@ def run_curation(
             if engine is None:
                 engine = make_engine(cfg.model, cfg.engine)
             chunk = candidates[lo : lo + batch]
-            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len)
+            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, cfg.grading.mode)
             append_jsonl(path, new)
             decisions.extend(new)
             kept += sum(d["status"] == "kept" for d in new)
@@ -190,10 +185,12 @@ def run_curation(
         bar.close()
         if owned and engine is not None:
             engine.close()
-    return _finish(cfg, out_dir, problems, status, candidates, decisions)
+    return _finish(cfg, layout, problems, status, candidates, decisions)
 
 
-def _generate_batch(engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None) -> list[dict]:
+def _generate_batch(
+    engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None, mode: str = "strict"
+) -> list[dict]:
     """Robust solutions for one batch of candidates; one decision record per candidate."""
     records: list[dict] = []
     todo = []
@@ -209,7 +206,7 @@ def _generate_batch(engine: Engine, chunk: list, sampling: Sampling, max_model_l
     for (rec, _, gold), comps in zip(todo, outs):
         # curate.attempts > 1: the first correct attempt is kept (else the first attempt's verdict stands);
         # every attempt's verdict is recorded, so the hinted teacher's accuracy stays measurable.
-        verdicts = [judge_solution(c.text, c.finish_reason, gold) for c in comps]
+        verdicts = [judge_solution(c.text, c.finish_reason, gold, mode) for c in comps]
         pick = verdicts.index("kept") if "kept" in verdicts else 0
         comp = comps[pick]
         rec.update(
@@ -223,7 +220,7 @@ def _generate_batch(engine: Engine, chunk: list, sampling: Sampling, max_model_l
     return records
 
 
-def _finish(cfg: SSBConfig, out_dir: Path, problems, status, candidates, decisions) -> dict:
+def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, decisions) -> dict:
     """Write teacher/student pairs (first ``target_pairs`` kept, in problem order) and the stats."""
     target = cfg.curate.target_pairs
     by_id = {d["id"]: d for d in decisions}
@@ -240,8 +237,8 @@ def _finish(cfg: SSBConfig, out_dir: Path, problems, status, candidates, decisio
         teacher_conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"])
         teacher.append({"id": p["id"], "messages": [*teacher_conv, reply], "answer": p["answer"]})
         student.append({"id": p["id"], "messages": [*student_messages(p["question"]), reply], "answer": p["answer"]})
-    atomic_write_jsonl(out_dir / "teacher.jsonl", teacher)
-    atomic_write_jsonl(out_dir / "student.jsonl", student)
+    atomic_write_jsonl(layout.curate_teacher, teacher)
+    atomic_write_jsonl(layout.curate_student, student)
     counts = {s: 0 for s in STATUSES}
     for p in problems:
         counts[status[p["id"]]] += 1
@@ -253,31 +250,24 @@ def _finish(cfg: SSBConfig, out_dir: Path, problems, status, candidates, decisio
         "candidates": len(candidates),
         "generated": len(decisions),
         "status_counts": counts,
+        "hinted_attempts": hinted_attempts(decisions),
     }
-    atomic_write_json(out_dir / "curation_stats.json", stats)
+    atomic_write_json(layout.curate_stats, stats)
     return stats
 
 
-def _digest(path: Path) -> str:
-    from ssb.files import sha256_file
-
-    return sha256_file(path)[:16]
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def hinted_attempts(decisions: list[dict]) -> dict:
+    """Every hinted sample generated and how many were kept: the hinted teacher's accuracy on curated problems
+    (a candidate whose prompt was too long counts as one attempt that was not kept)."""
+    statuses = [s for d in decisions for s in d.get("attempt_statuses", [d.get("status")])]
+    return {"total": len(statuses), "kept": sum(s == "kept" for s in statuses)}
 
 
-def run_stage(cfg: SSBConfig, args: argparse.Namespace | None = None, *, engine: Engine | None = None) -> int:
+def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) -> int:
     """``ssb curate``: RUN_DIR/rollout -> RUN_DIR/curate/{teacher,student}.jsonl + curation_stats.json."""
-    out_dir = Path(cfg.run_dir) / "curate"
+    out_dir = RunLayout(cfg.run_dir).curate
     save_config(cfg, out_dir)
-    stats = run_curation(cfg, engine=engine, resume=getattr(args, "resume", True) is not False)
+    stats = run_curation(cfg, engine=engine, resume=resume)
     print(
         f"[ssb curate] {stats['pairs']} pairs from {stats['problems']} problems ({stats['stop_reason']});"
         f" statuses: {stats['status_counts']} -> {out_dir}",

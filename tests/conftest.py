@@ -77,7 +77,7 @@ def tiny_chat_model_dir(tmp_path_factory):
 def toy_model_dir(tiny_chat_model_dir):
     """The embedded toy model (ssb/assets/toy) when it is built, else the random tiny chat model."""
     try:
-        from ssb.toy import asset_path
+        from ssb.toy.world import asset_path
 
         path = asset_path()
     except (ImportError, AttributeError):

@@ -9,19 +9,15 @@ import warnings
 
 import pytest
 import torch
+from ssb_kernels.reference import derive_lse_t
 
+from ssb.capture import capture, plan_capture
+from ssb.capture.hf import HFCapture, pack_by_budget
 from ssb.config import SSBConfig, load_config
-from ssb.files import InputError, atomic_write_jsonl
-from ssb.prompts import end_of_turn_id, prompt_ids, reply_ids, student_messages, teacher_messages
-from ssb.store import (
-    StoreMismatchError,
-    TeacherStore,
-    approx_lse,
-    build_student_examples,
-    check_compatible,
-    shard_name,
-)
-from ssb.teacher import HFCapture, capture, pack_by_budget, plan_capture
+from ssb.core.files import InputError, atomic_write_jsonl
+from ssb.core.prompts import end_of_turn_id, prompt_ids, reply_ids, student_messages, teacher_messages
+from ssb.store import StoreMismatchError, TeacherStore, build_student_examples, check_compatible, lse_for
+from ssb.store.format import shard_name
 
 N_EXAMPLES, K = 7, 8
 
@@ -31,7 +27,7 @@ def tiny_model_dir(tmp_path_factory):
     """A seeded random Qwen2ForCausalLM (vocab padded past the tokenizer, tied head) + a ChatML BPE tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ssb.toy import build_tokenizer, tokenizer_corpus
+    from ssb.toy.world import build_tokenizer, tokenizer_corpus
 
     out = tmp_path_factory.mktemp("tiny-qwen2")
     tok = build_tokenizer(tokenizer_corpus(seed=0, n=60), vocab_size=400)
@@ -51,7 +47,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def write_curated(run_dir, n=N_EXAMPLES, seed=0):
     """RUN_DIR/curate/{teacher,student}.jsonl in the curation stage's shape (line i = the same example)."""
-    from ssb.toy import problems
+    from ssb.toy.world import problems
 
     rng = random.Random(seed)
     teacher, student = [], []
@@ -133,7 +129,7 @@ def test_untied_head_is_used(tiny_model_dir):
         model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 3)
     assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     cap = HFCapture(make_cfg(tiny_model_dir, "unused"), model=model)
-    from ssb.teacher import Item
+    from ssb.capture.inputs import Item
 
     item = Item(0, "a", [5, 6, 7, 8], [9, 10, 11])
     ex = cap.capture([item], K)[0]
@@ -165,7 +161,7 @@ def test_student_examples_align(tiny_model_dir, hf_store):
 def test_mismatched_tokenizer_or_model_rejected(tiny_model_dir, hf_store):
     from transformers import AutoTokenizer
 
-    from ssb.toy import build_tokenizer, tokenizer_corpus
+    from ssb.toy.world import build_tokenizer, tokenizer_corpus
 
     run_dir, _ = hf_store
     store = TeacherStore(run_dir / "capture")
@@ -287,6 +283,7 @@ def test_vllm_backend_agrees_with_hf(tiny_model_dir, hf_store, tmp_path):
         assert torch.equal(a.topk_ids[untied], b.topk_ids[untied])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = [vl.lse_for(2.0, vl[i]) for i in range(N_EXAMPLES)]
+        got = [lse_for(vl, 2.0, vl[i]) for i in range(N_EXAMPLES)]
     assert sum("not captured" in str(w.message) for w in caught) == 1
-    torch.testing.assert_close(got[0], approx_lse(vl[0].topk_logprobs, 2.0))
+    want = derive_lse_t(vl[0].topk_ids, vl[0].topk_logprobs.double(), 2.0, vl.manifest["model"]["vocab_size"])
+    torch.testing.assert_close(got[0], want.float())

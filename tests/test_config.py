@@ -26,8 +26,8 @@ def test_shipped_configs_load():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.lr=1e-4", "capture.temperatures=[1, 2.5]", "eval.limit=null", "rounds=2"])
-    assert cfg.train.lr == 1e-4 and cfg.capture.temperatures == (1.0, 2.5) and cfg.eval.limit is None
+    cfg = load_config(None, ["train.lr=1e-4", "capture.temperatures=[1, 2]", "eval.limit=null", "rounds=2"])
+    assert cfg.train.lr == 1e-4 and cfg.capture.temperatures == (1.0, 2.0) and cfg.eval.limit is None
     assert cfg.rounds == 2
 
 
@@ -41,11 +41,29 @@ def test_overrides_are_typed():
         ("train.qlora=3", "train.qlora: expected true/false"),
         ("model=3", "model: expected a mapping"),
         ("train.lr", "expected key=value"),
+        ("train.variant=tails", "train.variant: expected one of tail|renorm, got 'tails'"),
+        ("engine.backend=sglang", "engine.backend: expected one of vllm|hf"),
+        ("model.dtype=fp8", "model.dtype: expected one of auto|float32|bfloat16|float16"),
+        ("eval.protocol=gsm8k-8shot", "eval.protocol: expected one of ssb-paper|qwen-math|r1"),
+        ("grading.mode=loose", "grading.mode: expected one of strict"),
+        ("rollout.temperature=-0.1", "rollout.temperature: expected a temperature >= 0"),
+        ("capture.temperatures=[1, 0]", r"capture.temperatures\[1\]: expected a temperature > 0"),
+        ("rounds=0", "rounds: expected >= 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_kd_temperature_outside_the_store_is_an_error_or_an_explicit_opt_in():
+    with pytest.raises(ConfigError, match=r"train.kd_temperature=3.0 is not one of capture.temperatures=\[1.0, 2.0\]"):
+        load_config(None, ["train.kd_temperature=3"])
+    with pytest.raises(ConfigError, match="train.approximate_c_t=true"):
+        load_config(None, ["train.kd_temperature=3"])
+    cfg = load_config(None, ["train.kd_temperature=3", "train.approximate_c_t=true"])
+    assert cfg.train.kd_temperature == 3.0
+    assert load_config(None, ["train.kd_temperature=3", "train.kd_weight=0", "train.ce_weight=1"])  # no KD, no c_T
 
 
 def test_bad_file_names_the_file(tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from ssb.config import SSBConfig, load_config
-from ssb.curation import STATUSES, choose_pair, judge_solution, read_rollouts, run_curation
+from ssb.core.files import InputError
+from ssb.core.layout import RunLayout
+from ssb.curate import STATUSES, choose_pair, judge_solution, read_rollouts, run_curation
 from ssb.engines import Completion, Sampling, sample_seeds
-from ssb.files import InputError
 from ssb.rollout import run_rollouts
 
 
@@ -87,7 +88,7 @@ def make_run(tmp_path: Path, **over) -> tuple[SSBConfig, ScriptedEngine]:
     from ssb.rollout import load_stage_problems
 
     problems, report = load_stage_problems(cfg)
-    run_rollouts(cfg, problems, Path(cfg.run_dir) / "rollout", engine=engine, input_report=report)
+    run_rollouts(cfg, problems, RunLayout(cfg.run_dir), engine=engine, input_report=report)
     return cfg, engine
 
 
@@ -189,18 +190,18 @@ def test_malformed_rollout_line_is_reported(tmp_path):
     lines[5] = lines[5][:-3]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"rollouts.jsonl:6: invalid JSON"):
-        read_rollouts(path.parent)
+        read_rollouts(RunLayout(cfg.run_dir))
     bad = json.loads(lines[0])
     bad["correct"] = "yes"
     lines[5] = json.dumps(bad)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"rollouts.jsonl:6: field 'correct'"):
-        read_rollouts(path.parent)
+        read_rollouts(RunLayout(cfg.run_dir))
 
 
 def test_attempts_keep_the_first_correct_robust_solution():
     """curate.attempts=N samples N robust solutions; the first correct one is kept, every verdict recorded."""
-    from ssb.curation import _generate_batch
+    from ssb.curate import _generate_batch
 
     class Attempts:
         tokenizer = None

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ssb.data import Problem, ProblemList, load_problems
-from ssb.files import InputError
-from ssb.grading import answers_equal
+from ssb.core.data import Problem, ProblemList, load_problems
+from ssb.core.files import InputError
+from ssb.core.grading import answers_equal
 
 # Rows in the hub datasets' own column layout (values modelled on real records).
 GSM8K_ROWS = [
@@ -156,7 +156,7 @@ def test_local_json_lines_in_a_json_file_and_numeric_answers(tmp_path):
 
 
 def test_toy_source_matches_its_split_files(tmp_path):
-    toy = pytest.importorskip("ssb.toy")
+    toy = pytest.importorskip("ssb.toy.world")
     toy.write_splits(tmp_path, n_train=3, n_test=4, seed=0)
     from_files = load_problems(tmp_path / "test.jsonl")
     in_memory = load_problems("toy", "test", limit=4)
@@ -166,7 +166,7 @@ def test_toy_source_matches_its_split_files(tmp_path):
 
 
 def test_toy_val_split_is_held_out_from_rollouts_and_test():
-    pytest.importorskip("ssb.toy")
+    pytest.importorskip("ssb.toy.world")
     val = load_problems("toy_val")
     assert len(val) == 500 and val[0].id == "toy/val/0"
     assert [p.question for p in load_problems("toy", "val", limit=50)] == [p.question for p in val[:50]]
@@ -212,7 +212,7 @@ def test_malformed_line_raises_with_file_and_line(tmp_path, first_bad, message):
 
 def test_skip_invalid_counts_and_reports(tmp_path, caplog):
     path = _write_lines(tmp_path / "bad.jsonl", BAD_LINES)
-    with caplog.at_level("WARNING", logger="ssb.data"):
+    with caplog.at_level("WARNING", logger="ssb.core.data"):
         problems = load_problems(path, skip_invalid=True)
     assert [p.question for p in problems] == ["q1", "q8", "q11"]
     assert [s.where.rsplit(":", 1)[1] for s in problems.skipped] == ["2", "3", "4", "5", "7", "9", "10"]

@@ -1,14 +1,14 @@
 """``ssb eval`` end to end with a scripted engine: protocols, grading pool, results, resume, the stage entry point."""
 
-import argparse
 import json
 
 import pytest
 
 from ssb.config import EngineConfig, EvalConfig, ModelConfig, load_config
+from ssb.core.files import atomic_write_jsonl
 from ssb.engines import Completion, derive_seed
-from ssb.eval import PROTOCOLS, compare, evaluate, grade_problem, load_results, resolve_protocol, run_stage
-from ssb.files import atomic_write_jsonl
+from ssb.eval import PROTOCOLS, compare, compare_files, evaluate, load_results, resolve_protocol, run
+from ssb.eval.scoring import grade_problem
 
 
 class ScriptedEngine:
@@ -33,8 +33,10 @@ class ScriptedEngine:
             samples = []
             for j in range(sampling.n):
                 r = derive_seed(sampling.seed, key, j, lora) % 4
-                if r == 3:  # truncated, no answer
+                if r == 3 and j % 2:  # truncated, no answer
                     samples.append(Completion("Let me think" + " more" * 9, tuple(range(40)), "length"))
+                elif r == 3:  # truncated after a right box: wrong under every protocol, counted apart
+                    samples.append(Completion(f"{a} + {b} = \\boxed{{{a + b}}} more", tuple(range(40)), "length"))
                 else:
                     ans = a + b if r < 2 else a * b + 1
                     samples.append(Completion(f"{a} + {b} = \\boxed{{{ans}}}", tuple(range(5 + r)), "stop"))
@@ -73,9 +75,11 @@ def test_protocol_presets_and_overrides():
 
 
 def test_grader_clusters_equivalent_answers():
-    graded = grade_problem(["\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{3}", "no answer", "\\boxed{\\frac{1}{2}}"], "0.5")
-    assert [g["correct"] for g in graded] == [True, True, False, False, True]
-    assert [g["cluster"] for g in graded] == [0, 0, 2, None, 0]
+    texts = ["\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{3}", "no answer", "\\boxed{\\frac{1}{2}}", "\\boxed{0.5} and"]
+    graded = grade_problem([(t, "stop") for t in texts[:-1]] + [(texts[-1], "length")], "0.5")
+    assert [g["correct"] for g in graded] == [True, True, False, False, True, False]  # truncated: wrong
+    assert [g["answer_correct"] for g in graded] == [True, True, False, False, True, True]
+    assert [g["cluster"] for g in graded] == [0, 0, 2, None, 0, None]  # a truncated reply does not vote
 
 
 def test_eval_writes_every_sample_and_consistent_aggregates(tmp_path):
@@ -89,10 +93,15 @@ def test_eval_writes_every_sample_and_consistent_aggregates(tmp_path):
     # verdicts come from the real grader: right exactly when the boxed value is the sum
     for p in b["problems"]:
         for s in p["samples"]:
-            assert s["correct"] == (s["pred"] == p["answer"])
+            assert s["correct"] == (s["pred"] == p["answer"] and s["finish_reason"] == "stop")
     agg = b["aggregates"]
     assert agg["pass@k"]["1"]["value"] == pytest.approx(sum(s["correct"] for s in flat) / len(flat))
     assert agg["truncation_rate"] == pytest.approx(sum(s["finish_reason"] == "length" for s in flat) / len(flat))
+    cut_right = [
+        s for p in b["problems"] for s in p["samples"] if s["finish_reason"] == "length" and s["pred"] == p["answer"]
+    ]
+    assert cut_right and agg["truncated_right_answer_rate"] == pytest.approx(len(cut_right) / len(flat))
+    assert (res["protocol"]["truncated"], res["protocol"]["grading"]) == ("wrong", "strict")
     assert res["protocol"] == json.loads(json.dumps(res["protocol"])) and res["protocol"]["name"] == "r1"
     assert load_results(tmp_path / "out") == json.loads(json.dumps(res))  # results.json round-trips
     assert "| scripted |" in (tmp_path / "out" / "results.md").read_text()
@@ -159,15 +168,13 @@ def test_stage_evaluates_base_and_adapter_and_compares(tmp_path, monkeypatch, ca
     monkeypatch.setattr("ssb.engines.make_engine", lambda *a, **kw: engine)
     overrides = ["eval.protocol=r1", "eval.n=3", "eval.grader_workers=0", "eval.bootstrap=100", "engine.batch_size=5"]
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"eval.benchmarks=[{bench}]", *overrides])
-    args = argparse.Namespace(adapter=None, compare=None, out=None)
-    assert run_stage(cfg, args) == 0
+    assert run(cfg) == 0
     assert engine.loras == [None, None, str(adapter), str(adapter)]  # base, then the trained adapter
     out = tmp_path / "run" / "eval"
     assert (out / "chart.png").stat().st_size > 5000 and "ssb vs base" in (out / "report.md").read_text()
     cmp = compare(out / "base", out / "ssb")
     assert cmp["same_protocol"] and cmp["benchmarks"][bench]["n_problems"] == 10
     capsys.readouterr()
-    args = argparse.Namespace(adapter=None, compare=[str(out / "base"), str(out / "ssb")], out=str(tmp_path / "c"))
-    assert run_stage(cfg, args) == 0
+    assert compare_files(out / "base", out / "ssb", out=tmp_path / "c") == 0
     printed = capsys.readouterr().out
     assert "p (sign test)" in printed and "McNemar" in printed and (tmp_path / "c" / "compare.png").exists()

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from ssb.eval_report import compare_table, group_table, markdown_table, plot_runs, write_report
-from ssb.eval_stats import aggregate, compare, load_results
-from ssb.files import atomic_write_json
+from ssb.core.files import atomic_write_json
+from ssb.eval.report import compare_table, group_table, markdown_table, plot_runs, write_report
+from ssb.eval.stats import aggregate, compare, load_results
 
 
 def _run(label, rates, seed, n=2, protocol="qwen-math"):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from ssb.eval_stats import (
+from ssb.eval.stats import (
     aggregate,
     bootstrap_ci,
     k_values,

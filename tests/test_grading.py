@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ssb.grading import Verdict, answers_equal, extract_answer, grade, is_correct, parse_number
+from ssb.core.grading import Verdict, answers_equal, cluster_answers, extract_answer, grade, is_correct, parse_number
 
 # --------------------------------------------------------------------------------------------------
 # Extraction
@@ -134,12 +134,28 @@ def test_parse_number_rejects_non_numbers(s):
 
 
 def test_grade_statuses():
-    assert grade(r"... so \boxed{\dfrac{1}{2}}", "0.5") == Verdict("correct", r"\dfrac{1}{2}")
+    assert grade(r"... so \boxed{\dfrac{1}{2}}", "0.5") == Verdict("correct", r"\dfrac{1}{2}", answer_correct=True)
     assert grade(r"\boxed{3}", "4").status == "wrong"
     no_answer = grade("I think it is 4", "4")
     assert no_answer.status == "unparsed" and no_answer.answer is None and no_answer.reason == "no_answer"
     assert is_correct("Step 1 ...\n#### 1,080", "1080")
     assert not is_correct("Step 1 ...", "1080")
+
+
+def test_a_truncated_reply_is_never_correct_but_keeps_its_answer():
+    cut = grade(r"so the answer is \boxed{4} and then again and again", "4", finish_reason="length")
+    assert cut == Verdict("truncated", "4", answer_correct=True) and not cut.correct
+    assert grade(r"\boxed{3} and", "4", finish_reason="length") == Verdict("truncated", "3")
+    assert grade("no box yet", "4", finish_reason="length") == Verdict("truncated", None, "no_answer")
+    assert not is_correct(r"\boxed{4}", "4", finish_reason="length")
+    with pytest.raises(ValueError, match="grading.mode: expected one of strict"):
+        grade(r"\boxed{4}", "4", mode="flexible")
+
+
+def test_cluster_answers_groups_equivalent_answers_by_their_first_member():
+    answers = ["1/2", "3", None, "0.5", r"\frac{1}{2}", "3", "7"]
+    assert cluster_answers(answers) == [0, 1, None, 0, 0, 1, 6]
+    assert cluster_answers([]) == [] and cluster_answers([None]) == [None]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from ssb.config import load_config
-from ssb.pipeline import Stage, StageFailed, run_pipeline
+from ssb.run.plan import Stage
+from ssb.run.runner import StageFailed, run_pipeline
 
 
 def _plan(calls: list[str], fail: set[str] = frozenset()):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ssb.prompts import (
+from ssb.core.prompts import (
     DEFAULT_PROMPTS,
     SYSTEM_PROMPT,
     PromptSet,

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssb import curation
+from ssb import curate
 from ssb.config import EngineConfig, ModelConfig, load_config
+from ssb.core.files import InputError
+from ssb.core.layout import RunLayout
+from ssb.core.prompts import end_of_turn_id, student_messages
 from ssb.engines import Sampling, make_engine
-from ssb.engines_hf import filter_logits
-from ssb.files import InputError
-from ssb.prompts import end_of_turn_id, student_messages
-from ssb.rollout import run_stage
+from ssb.engines.hf import filter_logits
+from ssb.rollout import run
 
 CONVS = [student_messages(q) for q in ("What is 2 + 3?", "Ada has 4 boxes of 5 pens. How many pens?", "Hi")]
 
@@ -117,7 +118,7 @@ def stage_cfg(tmp_path: Path, data: Path, model_dir: Path, backend: str, **over)
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    from ssb.toy import write_splits
+    from ssb.toy.world import write_splits
 
     train, _ = write_splits(tmp_path_factory.mktemp("toy_data"), n_train=8, n_test=1, seed=0)
     return train
@@ -141,12 +142,10 @@ def run_both_stages(cfg, engine, kill_after: int | None = None) -> None:
 
         problems, report = load_stage_problems(cfg)
         with pytest.raises(KeyboardInterrupt):
-            run_rollouts(
-                cfg, problems, Path(cfg.run_dir) / "rollout", engine=engine, input_report=report, on_batch=kill
-            )
+            run_rollouts(cfg, problems, RunLayout(cfg.run_dir), engine=engine, input_report=report, on_batch=kill)
         assert len((Path(cfg.run_dir) / "rollout/rollouts.jsonl").read_text().splitlines()) == 3 * kill_after * 2
-    assert run_stage(cfg, None, engine=engine) == 0
-    assert curation.run_stage(cfg, None, engine=engine) == 0
+    assert run(cfg, engine=engine) == 0
+    assert curate.run(cfg, engine=engine) == 0
 
 
 def check_stage_outputs(run_dir: Path, n_problems: int, k: int) -> None:
@@ -181,8 +180,8 @@ def test_stages_end_to_end_vllm_resume_is_identical(vllm_engine, toy_data, toy_m
 @pytest.mark.slow
 def test_stages_end_to_end_hf_resume_is_identical(toy_data, toy_model_dir, tmp_path):
     ref = stage_cfg(tmp_path / "ref", toy_data, toy_model_dir, "hf")
-    assert run_stage(ref, None) == 0  # the stages build (and free) their own engines
-    assert curation.run_stage(ref, None) == 0
+    assert run(ref) == 0  # the stages build (and free) their own engines
+    assert curate.run(ref) == 0
     check_stage_outputs(Path(ref.run_dir), 8, 2)
     killed = stage_cfg(tmp_path / "killed", toy_data, toy_model_dir, "hf")
     engine = make_engine(killed.model, killed.engine)
@@ -201,11 +200,11 @@ def test_malformed_input_lines_are_reported(tmp_path):
     )
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source={data}", "rollout.k=2"])
     with pytest.raises(InputError, match=r"data.jsonl:2"):
-        run_stage(cfg, None, engine=EchoEngine())
+        run(cfg, engine=EchoEngine())
     cfg = load_config(
         None, [f"run_dir={tmp_path / 'run'}", f"data.source={data}", "rollout.k=2", "data.skip_invalid=true"]
     )
-    assert run_stage(cfg, None, engine=EchoEngine()) == 0
+    assert run(cfg, engine=EchoEngine()) == 0
     stats = json.loads((tmp_path / "run/rollout/rollout_stats.json").read_text())
     assert stats["problems"] == 3 and stats["samples"]["total"] == 6
     assert stats["input"]["loaded"] == 3 and stats["input"]["skipped"] == 2

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from ssb.config import load_config
-from ssb.pipeline import STAGES, stage_hashes
-from ssb.rounds import ensure_student, expand
+from ssb.run.plan import STAGES, expand
+from ssb.run.rounds import ensure_student
+from ssb.run.runner import stage_hashes
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
@@ -92,8 +93,9 @@ def test_merged_student_is_redone_when_its_adapter_changes(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ssb.rounds import merged_model
-    from ssb.toy import asset_path
+    from ssb.config import ModelConfig
+    from ssb.core.models import merged_model
+    from ssb.toy.world import asset_path
 
     def save_adapter(seed: int) -> Path:
         torch.manual_seed(seed)
@@ -103,12 +105,13 @@ def test_merged_student_is_redone_when_its_adapter_changes(tmp_path):
         return tmp_path / "adapter"
 
     out = tmp_path / "student"
-    merged_model(str(asset_path()), "float32", save_adapter(0), out)
+    base = ModelConfig(name_or_path=str(asset_path()), dtype="float32")
+    merged_model(base, save_adapter(0), out)
     first = load_file(str(out / "model.safetensors"))
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    merged_model(str(asset_path()), "float32", tmp_path / "adapter", out)
+    merged_model(base, tmp_path / "adapter", out)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # same adapter: the merge is reused
-    merged_model(str(asset_path()), "float32", save_adapter(1), out)
+    merged_model(base, save_adapter(1), out)
     second = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)  # retrained adapter: merged again
     assert not (tmp_path / "student.tmp").exists()

@@ -5,17 +5,10 @@ import warnings
 
 import pytest
 import torch
+from ssb_kernels.reference import derive_lse_t
 
-from ssb.store import (
-    MANIFEST,
-    StoreError,
-    StoreExample,
-    StoreWriter,
-    TeacherStore,
-    approx_lse,
-    lse_key,
-    shard_name,
-)
+from ssb.store import StoreError, StoreExample, StoreWriter, TeacherStore, lse_for
+from ssb.store.format import MANIFEST, lse_key, shard_name
 
 V, K = 50, 8
 
@@ -71,7 +64,7 @@ def test_round_trip_float32(tmp_path, examples):
         assert torch.equal(got.topk_logprobs, want.topk_logprobs)
         assert torch.equal(got.token_logprob, want.token_logprob)
         assert torch.equal(got.lse[2.0], want.lse[2.0])
-        assert torch.equal(store.lse_for(1.0, got), torch.zeros(want.rows))  # c_1 = 0 by definition
+        assert torch.equal(lse_for(store, 1.0, got), torch.zeros(want.rows))  # c_1 = 0 by definition
         assert store.position_of(want.example_index) == i
 
 
@@ -161,16 +154,18 @@ def test_lse_key_is_stable():
     assert lse_key(2) == "lse_T2.0" and lse_key(0.5) == "lse_T0.5"
 
 
-def test_approx_lse_exact_for_full_support_and_below_exact_otherwise():
+def test_the_tail_approximation_is_exact_for_full_support_and_bounded_otherwise():
+    """The c_T a store falls back on (``ssb_kernels.reference.derive_lse_t``, via ``lse_for``)."""
     gen = torch.Generator().manual_seed(2)
     logp = torch.log_softmax(torch.randn(6, V, generator=gen, dtype=torch.float64) * 2, -1)
+    all_ids = torch.arange(V).expand(6, V)
     for t in (0.5, 2.0):
         exact = torch.logsumexp(logp / t, -1)
-        torch.testing.assert_close(approx_lse(logp, t), exact.float(), atol=1e-5, rtol=0)  # k = V
-        vals = logp.topk(K, -1).values.float()
-        approx = approx_lse(vals, t)
+        torch.testing.assert_close(derive_lse_t(all_ids, logp, t, V), exact, atol=1e-9, rtol=0)  # k = V
+        vals, ids = logp.topk(K, -1)
+        approx = derive_lse_t(ids, vals.float().double(), t, V)
         # merging the tail into one token: (sum p)^(1/T) <= sum p^(1/T) for T > 1, reversed for T < 1
-        assert bool((approx <= exact.float() + 1e-6).all()) if t > 1 else bool((approx >= exact.float() - 1e-6).all())
+        assert bool((approx <= exact + 1e-6).all()) if t > 1 else bool((approx >= exact - 1e-6).all())
 
 
 def test_lse_for_missing_temperature_warns_once(tmp_path, examples):
@@ -178,6 +173,7 @@ def test_lse_for_missing_temperature_warns_once(tmp_path, examples):
     store = TeacherStore(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = [store.lse_for(3.0, store[i]) for i in range(len(store))]
+        got = [lse_for(store, 3.0, store[i]) for i in range(len(store))]
     assert len([w for w in caught if "T=3.0 was not captured" in str(w.message)]) == 1
-    torch.testing.assert_close(got[2], approx_lse(examples[2].topk_logprobs, 3.0))
+    ex = examples[2]
+    torch.testing.assert_close(got[2], derive_lse_t(ex.topk_ids, ex.topk_logprobs.double(), 3.0, V).float())

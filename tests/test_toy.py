@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from ssb import toy
-from ssb.prompts import prompt_ids, reply_ids, student_messages, teacher_messages
-from ssb.toy_measure import _extract, is_copy, measure
-from ssb.toy_train import robust_attempt
+from ssb.core.prompts import prompt_ids, reply_ids, student_messages, teacher_messages
+from ssb.toy import world as toy
+from ssb.toy.measure import _extract, is_copy, measure
+from ssb.toy.pretrain import robust_attempt
 
 
 def _structure(p: toy.ToyProblem) -> tuple:

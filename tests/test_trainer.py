@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from tiny_qwen import tiny_qwen
 
 from ssb.config import load_config
-from ssb.train_data import collate
-from ssb.train_model import StudentBody, attach_lora, build_base
-from ssb.trainer import train
+from ssb.train import train
+from ssb.train.data import collate
+from ssb.train.model import StudentBody, attach_lora, build_base
 
 VOCAB, K, T = 96, 8, 2.0
 
@@ -146,7 +146,7 @@ def test_step0_losses_equal_full_logit_reference(world, tmp_path):
     cfg = make_cfg(world["student"], tmp_path, batch_size=8, max_steps=1, ce_weight=1.0)
     train(cfg, tmp_path, examples=world["examples"][:8])
     m = metrics(tmp_path)[0]
-    from ssb.train_data import stream_indices
+    from ssb.train.data import stream_indices
 
     batch = [world["examples"][i] for i in stream_indices(8, 0, 8, cfg.train.seed)]
     kd, ce = oracle_losses(world["student"], batch)

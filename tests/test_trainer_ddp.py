@@ -26,9 +26,9 @@ T = 2.0
 
 @pytest.fixture(scope="module")
 def run_world(tmp_path_factory):
-    from ssb import toy
-    from ssb.prompts import prompt_ids, reply_ids, student_messages
+    from ssb.core.prompts import prompt_ids, reply_ids, student_messages
     from ssb.store import StoreExample, StoreWriter, chat_template_hash, tokenizer_hash
+    from ssb.toy import world as toy
 
     root = tmp_path_factory.mktemp("ddp")
     tok = toy.build_tokenizer(toy.tokenizer_corpus(n=60), vocab_size=320)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ssb.cli import main as ssb_main
-from ssb.train_dryrun import GRAIN, n_params, search
+from ssb.train.dryrun import GRAIN, n_params, search
 
 
 @pytest.mark.parametrize("limit", [0, 256, 700, 3000, 8192])

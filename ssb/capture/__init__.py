@@ -2,16 +2,17 @@
 
 For every curated example the teacher sequence is ``chat_template([system, hinted user], generation prompt)``
 followed by ``reply_ids(reply)`` (ending with end-of-turn); the R rows are the positions that predict the reply
-tokens. The student view (``ssb.store.build_student_examples``) reuses the very same reply ids.
+tokens (:mod:`ssb.capture.inputs`). The student view (``ssb.store.build_student_examples``) reuses the very same
+reply ids.
 
-Backends: ``hf`` runs the base model to its final hidden states only and streams the LM head through
-``ssb_kernels.topk_logprobs`` (never an (N, V) logits tensor), batched by a token budget; ``vllm`` asks for
-``prompt_logprobs=k`` (``ssb.teacher_vllm``), which gives exact values at T = 1 but no ``c_T`` for T != 1.
+Backends: ``hf`` (:mod:`ssb.capture.hf`) runs the base model to its final hidden states only and streams the LM
+head through ``ssb_kernels.topk_logprobs`` (never an (N, V) logits tensor), batched by a token budget; ``vllm``
+(:mod:`ssb.capture.vllm`) asks for ``prompt_logprobs=k``, which gives exact values at T = 1 but no ``c_T`` for
+T != 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -19,174 +20,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from ssb.capture.inputs import Item, load_items
 from ssb.config import SSBConfig, config_to_dict, save_config
-from ssb.files import InputError, iter_jsonl, sha256_file, sha256_text, weights_stamp
-from ssb.prompts import DEFAULT_PROMPTS, prompt_ids, reply_ids
-from ssb.store import (
-    StoreExample,
-    StoreWriter,
-    TeacherStore,
-    chat_template_hash,
-    is_complete,
-    store_dir,
-    summarize,
-    tokenizer_hash,
-)
-from ssb.train_model import resolve_dtype
+from ssb.core.files import sha256_file, sha256_text, weights_stamp
+from ssb.core.layout import RunLayout
+from ssb.core.models import load_tokenizer
+from ssb.core.prompts import DEFAULT_PROMPTS
+from ssb.store import StoreWriter, TeacherStore, chat_template_hash, is_complete, tokenizer_hash
 
-
-@dataclass(frozen=True)
-class Item:
-    """One teacher sequence to capture: ``prompt`` (P teacher prompt ids) + ``reply`` (R ids, end-of-turn last)."""
-
-    example_index: int
-    id: str
-    prompt: list[int]
-    reply: list[int]
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _messages(path: Path, line: int, rec: dict) -> list[dict]:
-    msgs = rec.get("messages")
-    ok = isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) and "content" in m for m in msgs)
-    if not ok or msgs[-1].get("role") != "assistant":
-        raise InputError(f"{path}:{line}: messages: expected [system, user, assistant] with contents")
-    return msgs
-
-
-def load_items(
-    teacher_jsonl: str | Path, student_jsonl: str | Path, tokenizer, max_len: int
-) -> tuple[list[Item], list[dict], int]:
-    """Tokenise the curated pairs; returns (items, skipped records with reasons, number of input examples).
-
-    Line i of both files must be the same example (same id, identical assistant reply), else InputError.
-    """
-    teacher_jsonl, student_jsonl = Path(teacher_jsonl), Path(student_jsonl)
-    teacher = list(iter_jsonl(teacher_jsonl))
-    student = list(iter_jsonl(student_jsonl))
-    if len(teacher) != len(student):
-        raise InputError(f"{teacher_jsonl}: {len(teacher)} examples but {student_jsonl} has {len(student)}")
-    items, skipped = [], []
-    for i, ((tline, trec), (sline, srec)) in enumerate(zip(teacher, student)):
-        tmsgs, smsgs = _messages(teacher_jsonl, tline, trec), _messages(student_jsonl, sline, srec)
-        if trec.get("id") != srec.get("id"):
-            raise InputError(f"{student_jsonl}:{sline}: id {srec.get('id')!r} != {trec.get('id')!r} in {teacher_jsonl}")
-        reply = tmsgs[-1]["content"]
-        if smsgs[-1]["content"] != reply:
-            raise InputError(f"{student_jsonl}:{sline}: the assistant reply differs from {teacher_jsonl}:{tline}")
-        ex_id = str(trec.get("id", i))
-        if not reply.strip():
-            skipped.append({"example_index": i, "id": ex_id, "reason": "empty reply"})
-            continue
-        p, r = prompt_ids(tokenizer, tmsgs[:-1]), reply_ids(tokenizer, reply)
-        if len(p) + len(r) - 1 > max_len:
-            reason = f"teacher sequence of {len(p) + len(r) - 1} tokens exceeds max length {max_len}"
-            skipped.append({"example_index": i, "id": ex_id, "reason": reason})
-            continue
-        items.append(Item(i, ex_id, p, r))
-    return items, skipped, len(teacher)
-
-
-def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group indices (longest first) so each group's ``count * max_length`` stays within ``budget`` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])  # a sequence longer than the budget runs alone
-    return groups
-
-
-# --------------------------------------------------------------------------------------------------
-# HF backend
-
-
-class HFCapture:
-    """Teacher forward with transformers: base model -> final hidden states -> streamed top-k over the LM head."""
-
-    name = "hf"
-
-    def __init__(self, cfg: SSBConfig, *, model=None):
-        from transformers import AutoModelForCausalLM
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if model is None:
-            m = cfg.model
-            model = AutoModelForCausalLM.from_pretrained(
-                m.name_or_path, revision=m.revision, dtype=resolve_dtype(m.dtype, self.device),
-                trust_remote_code=m.trust_remote_code,
-            )  # fmt: skip
-        self.model = model.to(self.device).eval()
-        self.body = model.base_model  # the decoder stack incl. the final norm, without the LM head
-        self.head = model.get_output_embeddings().weight  # (V, H); tied to the input embedding in Qwen2.5-3B
-        self.vocab_size = int(self.head.shape[0])
-        self.cap = cfg.capture
-        self.temperatures = tuple(float(t) for t in cfg.capture.temperatures)
-        self.exact_temperatures = sorted(set(self.temperatures) | {1.0})
-
-    @torch.no_grad()
-    def capture(self, items: list[Item], k: int) -> list[StoreExample]:
-        """Capture ``items``; returns one StoreExample per item in the same order."""
-        from ssb_kernels import topk_logprobs
-
-        lengths = [len(it.prompt) + len(it.reply) - 1 for it in items]
-        out: list[StoreExample | None] = [None] * len(items)
-        temps = self.exact_temperatures
-        for group in pack_by_budget(lengths, self.cap.token_budget):
-            L = max(lengths[i] for i in group)
-            ids = torch.zeros(len(group), L, dtype=torch.long)  # right padding: real positions are unaffected
-            mask = torch.zeros(len(group), L, dtype=torch.long)
-            for b, i in enumerate(group):
-                seq = items[i].prompt + items[i].reply[:-1]
-                ids[b, : len(seq)] = torch.tensor(seq)
-                mask[b, : len(seq)] = 1
-            hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            # rows predicting reply tokens: positions P-1 .. P+R-2 of each sequence -> (N, H)
-            rows = torch.cat([hidden[b, len(items[i].prompt) - 1 : lengths[i]] for b, i in enumerate(group)])
-            targets = torch.cat([torch.tensor(items[i].reply) for i in group]).to(self.device)
-            # ids (N, k) sorted by descending log-prob, top_lp (N, k), lse (N, len(temps)): c_T per temperature
-            top_ids, top_lp, lse = topk_logprobs(rows, self.head, k, temperatures=temps, impl=self.cap.kernel_impl)
-            tok_lp = token_logprob(rows, self.head, targets, top_ids, top_lp)
-            start = 0
-            for i in group:
-                a, b = start, start + len(items[i].reply)
-                start = b
-                out[i] = StoreExample(
-                    example_index=items[i].example_index,
-                    token_ids=targets[a:b].int().cpu(),
-                    topk_ids=top_ids[a:b].int().cpu(),
-                    topk_logprobs=top_lp[a:b].float().cpu(),
-                    lse={t: lse[a:b, c].float().cpu() for c, t in enumerate(temps) if t != 1.0},
-                    token_logprob=tok_lp[a:b].cpu(),
-                )
-        return out  # type: ignore[return-value]
-
-
-def token_logprob(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor
-) -> torch.Tensor:
-    """Full-vocab log-prob of each target token without full logits: ``z_t - LSE(z) = z_t - z_top1 + l_top1``.
-
-    Shape: hidden (N, H), weight (V, H), targets (N,), top_ids (N, k), top_lp (N, k) -> (N,) float32
-    """
-    h = hidden.float()
-    z_t = (h * weight[targets].float()).sum(-1)
-    z_1 = (h * weight[top_ids[:, 0].long()].float()).sum(-1)
-    lp = z_t - z_1 + top_lp[:, 0].float()
-    hit = top_ids.long() == targets.long().unsqueeze(-1)  # inside the top-k: take the kernel's value verbatim
-    return torch.where(hit.any(-1), (top_lp.float() * hit).sum(-1), lp)
-
-
-# --------------------------------------------------------------------------------------------------
-# The stage
+__all__ = ["CapturePlan", "Item", "capture", "make_backend", "plan_capture", "run", "write_store"]
 
 
 def max_length(cfg: SSBConfig) -> int:
@@ -200,9 +44,11 @@ def max_length(cfg: SSBConfig) -> int:
 
 def make_backend(cfg: SSBConfig):
     if cfg.capture.backend == "hf":
+        from ssb.capture.hf import HFCapture
+
         return HFCapture(cfg)
     if cfg.capture.backend == "vllm":
-        from ssb.teacher_vllm import VLLMCapture
+        from ssb.capture.vllm import VLLMCapture
 
         return VLLMCapture(cfg)
     raise ValueError(f"capture.backend: expected hf or vllm, got {cfg.capture.backend!r}")
@@ -221,10 +67,8 @@ class CapturePlan:
 
 
 def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str | Path) -> CapturePlan:
-    from transformers import AutoTokenizer
-
     m = cfg.model
-    tok = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    tok = load_tokenizer(m)
     items, skipped, n_inputs = load_items(teacher_jsonl, student_jsonl, tok, max_length(cfg))
     settings = {"model": config_to_dict(m), "capture": config_to_dict(cfg.capture), "prompts": DEFAULT_PROMPTS.digest()}
     settings["weights"] = weights_stamp(m.name_or_path)  # a local model rewritten in place is captured afresh
@@ -294,26 +138,13 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend) -> di
     return manifest
 
 
-def print_inspect(path: str | Path) -> None:
-    s = summarize(TeacherStore(path))
-    print(f"teacher store {s['path']}  ({s['backend']} backend, model {s['model']})")
-    print(f"  examples {s['examples']}  rows {s['rows']}  skipped {s['skipped']}")
-    print(f"  k {s['k']}  values {s['value_dtype']}  exact c_T for T in {s['exact_temperatures']}")
-    print(f"  bytes/row {s['bytes_per_row']:.1f}  (dense float32: {s['dense_fp32_bytes_per_row']}, "
-          f"ratio {s['ratio_to_dense']:.2e})")  # fmt: skip
-    print(f"  mean teacher mass in top-k {s['mean_topk_mass']:.4f}")
-    print(f"  reply tokens inside the top-k {100 * s['reply_token_in_topk']:.2f}%")
-
-
-def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
-    """``ssb capture``: RUN_DIR/curate/{teacher,student}.jsonl -> RUN_DIR/capture/ (or ``--inspect DIR``)."""
-    if getattr(args, "inspect", None):
-        print_inspect(args.inspect)
-        return 0
-    run_dir = Path(cfg.run_dir)
-    out = store_dir(run_dir)
-    manifest = capture(cfg, run_dir / "curate" / "teacher.jsonl", run_dir / "curate" / "student.jsonl", out)
-    save_config(cfg, out)
+def run(cfg: SSBConfig) -> int:
+    """``ssb capture``: RUN_DIR/curate/{teacher,student}.jsonl -> RUN_DIR/capture/."""
+    layout = RunLayout(cfg.run_dir)
+    manifest = capture(cfg, layout.curate_teacher, layout.curate_student, layout.store)
+    save_config(cfg, layout.store)
     c = manifest["counts"]
-    print(f"[capture] {out}: {c['examples']} examples, {c['rows']} rows, {c['skipped']} skipped", file=sys.stderr)
+    print(
+        f"[capture] {layout.store}: {c['examples']} examples, {c['rows']} rows, {c['skipped']} skipped", file=sys.stderr
+    )
     return 0

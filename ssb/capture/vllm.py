@@ -23,8 +23,8 @@ class VLLMCapture:
 
     def __init__(self, cfg: SSBConfig, **llm_kwargs):
         # ssb.engines.make_engine takes no scheduler settings, so the LLM is built here with the same machine
-        # settings as the generation engine (ssb.engines_vllm.build_llm) plus capture's own.
-        from ssb.engines_vllm import build_llm
+        # settings as the generation engine (ssb.engines.vllm.build_llm) plus capture's own.
+        from ssb.engines.vllm import build_llm
 
         self.llm = build_llm(
             cfg.model,
@@ -40,12 +40,12 @@ class VLLMCapture:
 
     def close(self) -> None:
         """Free the engine (and its KV cache) so the process can go on or start another."""
-        from ssb.engines_vllm import release_llm
+        from ssb.engines.vllm import release_llm
 
         release_llm(self)
 
     def capture(self, items: list, k: int) -> list[StoreExample]:
-        """Capture ``items`` (``ssb.teacher.Item``); one StoreExample per item, same order."""
+        """Capture ``items`` (``ssb.capture.Item``); one StoreExample per item, same order."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

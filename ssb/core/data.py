@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssb.files import InputError
+from ssb.core.files import InputError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
     if split not in TOY_SIZES:
         raise InputError(f"toy: no split {split!r} (has {sorted(TOY_SIZES)})")
     try:
-        from ssb import toy
+        from ssb.toy import world as toy
     except ImportError as e:
         raise RuntimeError("source 'toy' needs ssb.toy (the toy world), which is not available") from e
     n = TOY_SIZES[split] if limit is None else limit

@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes, line-numbered JSONL reading, hashing."""
+"""Small file helpers every stage shares: atomic writes, line-numbered JSONL reading, hashing, batch resume."""
 
 from __future__ import annotations
 
@@ -100,3 +100,27 @@ def weights_stamp(name_or_path: str) -> str | None:
         return None
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
     return sha256_text("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))[:16]
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object at ``path``, or None when it is missing or unreadable (resume state files)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resume_prefix(records: list[dict], ids: list[str], per_item: int, batch: int) -> int:
+    """How many leading items of ``ids`` the existing ``records`` complete, rounded down to whole batches.
+
+    Records must come in item order with ``per_item`` records each; anything after the first gap or
+    mismatch is discarded (and regenerated), so an interrupted append never leaks into the result.
+    """
+    done = 0
+    pos = 0
+    while done < len(ids) and pos + per_item <= len(records):
+        if any(r.get("id") != ids[done] for r in records[pos : pos + per_item]):
+            break
+        done += 1
+        pos += per_item
+    return done if done == len(ids) else (done // batch) * batch

@@ -6,6 +6,11 @@ off the main thread we pass ``parsing_timeout=None`` / ``timeout_seconds=None`` 
 them) and rely on our own guards instead: every input is length-capped, brace matching is iterative, and answers
 whose evaluation could explode (nested powers, huge exponents or factorials, deep nesting) never reach sympy.
 Such answers, like text without any final answer, grade as ``"unparsed"``.
+
+:func:`grade` is the one verdict every stage uses (rollout, curation, eval): a reply that hit its token limit
+(``finish_reason="length"``) is never correct, whatever its text says, because it never committed to a final
+answer. ``mode`` names how the final answer is found; ``"strict"`` (the last ``\\boxed{}``, else ``####``) is
+the only mode today, and it is recorded with every result that depends on it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ MAX_EXPONENT = 10_000  # a literal exponent above this (or any nested power) nev
 MAX_FACTORIAL = 1_000
 MV_TIMEOUT_S = 2  # math-verify's own signal timeouts, used only on the main thread
 
-Status = Literal["correct", "wrong", "unparsed"]
+Status = Literal["correct", "wrong", "unparsed", "truncated"]
+GRADING_MODES = ("strict",)  # grading.mode (config.py validates against this)
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,9 @@ class Verdict:
     """Outcome of grading one model output against a gold answer."""
 
     status: Status
-    answer: str | None  # the extracted final answer (None when nothing was found)
+    answer: str | None  # the extracted final answer (None when nothing was found), truncated replies too
     reason: str = ""  # why "unparsed": "no_answer" or "too_complex"
+    answer_correct: bool = False  # the answer alone matches the gold (True for a truncated reply with a right box)
 
     @property
     def correct(self) -> bool:
@@ -250,15 +257,46 @@ def answers_equal(pred: str | None, gold: str | None) -> bool:
     return _compare(pred, gold) == "correct"
 
 
-def grade(text: str | None, gold: str) -> Verdict:
-    """Grade a model output: "correct", "wrong", or "unparsed" (no final answer, or one too complex to check)."""
+def grade(text: str | None, gold: str, *, finish_reason: str = "stop", mode: str = "strict") -> Verdict:
+    """Grade one model reply: "correct", "wrong", "unparsed" (no final answer, or one too complex to check) or
+    "truncated" (``finish_reason == "length"``: never correct; ``answer`` and ``answer_correct`` still say what
+    its last box held, so a protocol can report both counts).
+    """
+    if mode not in GRADING_MODES:
+        raise ValueError(f"grading.mode: expected one of {'|'.join(GRADING_MODES)}, got {mode!r}")
     pred = extract_answer(text)
     if pred is None:
-        return Verdict("unparsed", None, "no_answer")
-    status = _compare(pred, gold)
-    return Verdict(status, pred, "too_complex" if status == "unparsed" else "")
+        status: Status = "unparsed"
+        reason = "no_answer"
+    else:
+        status = _compare(pred, gold)
+        reason = "too_complex" if status == "unparsed" else ""
+    if finish_reason == "length":
+        return Verdict("truncated", pred, reason, answer_correct=status == "correct")
+    return Verdict(status, pred, reason, answer_correct=status == "correct")
 
 
-def is_correct(text: str | None, gold: str) -> bool:
-    """Extract the final answer of ``text`` and check it against ``gold``."""
-    return grade(text, gold).status == "correct"
+def is_correct(text: str | None, gold: str, *, finish_reason: str = "stop", mode: str = "strict") -> bool:
+    """Shorthand for ``grade(...).correct``."""
+    return grade(text, gold, finish_reason=finish_reason, mode=mode).correct
+
+
+def cluster_answers(answers: list[str | None]) -> list[int | None]:
+    """Group equivalent final answers: per answer, the index of the first earlier (or same) answer equivalent to
+    it; None for a missing answer. Curation's "most common wrong answer" and eval's maj@k both vote with this.
+
+    Equivalence is :func:`answers_equal` with the group's first answer as the reference, tried in order of
+    first appearance; identical strings are one answer without asking the grader.
+    """
+    reps: list[int] = []
+    out: list[int | None] = []
+    for i, ans in enumerate(answers):
+        if ans is None:
+            out.append(None)
+            continue
+        home = next((r for r in reps if answers[r] == ans or answers_equal(ans, answers[r])), None)
+        if home is None:
+            reps.append(i)
+            home = i
+        out.append(home)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ssb.files import sha256_text
+from ssb.core.files import sha256_text
 
 SYSTEM_PROMPT = (
     "**Role:** You are an expert math tutor. When you are given a problem to solve, you provide detailed "

@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from ssb.config import EngineConfig, ModelConfig
-from ssb.engines import Completion, Sampling, sample_seeds, split_at_stop
-from ssb.prompts import end_of_turn_id, prompt_ids
-
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ssb.core.models import default_device, load_causal_lm, load_tokenizer
+from ssb.core.prompts import end_of_turn_id, prompt_ids
+from ssb.engines.types import Completion, Sampling, sample_seeds, split_at_stop
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -61,21 +60,10 @@ class HFEngine:
     backend = "hf"
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, adapter: str | Path | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if model_cfg.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(model_cfg)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-            dtype=_DTYPES[model_cfg.dtype],
-            device_map="cuda" if torch.cuda.is_available() else None,
-        ).eval()
+        device = default_device()
+        self.model = load_causal_lm(model_cfg, device, device_map="cuda" if device.type == "cuda" else None).eval()
         self.batch_size = engine_cfg.batch_size
         self.max_model_len = engine_cfg.max_model_len
         self.stop_ids = {end_of_turn_id(self.tokenizer)}

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from ssb.config import EngineConfig, ModelConfig
-from ssb.engines import _VLLM_LORA_RANKS, Completion, Sampling, adapter_rank, sample_seeds, split_at_stop
-from ssb.prompts import end_of_turn_id
+from ssb.core.prompts import end_of_turn_id
+from ssb.engines.types import VLLM_LORA_RANKS, Completion, Sampling, adapter_rank, sample_seeds, split_at_stop
 
 GiB = 1 << 30
 
@@ -101,7 +101,7 @@ class VLLMEngine:
         if lora_on:
             rank = max_lora_rank or (adapter_rank(self.adapter) if self.adapter else 64)
             kwargs["enable_lora"] = True
-            kwargs["max_lora_rank"] = next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
+            kwargs["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
         self.llm = build_llm(
             model_cfg,
             engine_cfg,

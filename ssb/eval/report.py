@@ -1,6 +1,6 @@
 """Reports for ``ssb eval``: markdown tables of one or more runs and a PNG bar chart with 95% CI error bars.
 
-Input is the ``results.json`` dict written by :func:`ssb.eval.evaluate` (``{"label", "protocol",
+Input is the ``results.json`` dict written by :func:`ssb.eval.scoring.evaluate` (``{"label", "protocol",
 "benchmarks": {name: {"aggregates": ..., "problems": [...]}}}``).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssb.eval_stats import compare
-from ssb.files import atomic_write_text
+from ssb.core.files import atomic_write_text
+from ssb.eval.stats import compare
 
 
 def _pct(x: float | None) -> str:

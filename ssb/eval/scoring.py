@@ -1,120 +1,52 @@
-"""``ssb eval``: a base model or a LoRA adapter on MATH500 / AIME2024 / GSM8K / toy / any JSONL, with named protocols.
+"""Scoring one model on the eval benchmarks under a protocol (:mod:`ssb.eval.protocols`), resumable.
 
-A protocol (system prompt, user template, sampling, samples per problem) is a named preset saved in full into
-every ``results.json``, so two numbers are only compared when their protocols match. Per benchmark the stage
-generates in batches through :func:`ssb.rollout.make_engine` (vLLM with ``LoRARequest`` or HF + ``PeftModel``),
-grades each finished batch in a process pool while the next batch generates (math-verify's timeouts use
-``SIGALRM``, which only works in a process's main thread, hence processes), and appends graded problems to
-``OUT/partial/<benchmark>.jsonl``, so an interrupted eval resumes where it stopped. Metrics live in
-:mod:`ssb.eval_stats`, tables and the chart in :mod:`ssb.eval_report`.
-
-Layout of ``OUT`` (default ``RUN_DIR/eval``): ``<label>/results.json`` and ``<label>/partial/`` per evaluated
-model, plus ``report.md`` (tables, paired test) and ``chart.png`` (pass@1 with 95% CIs) over all of them.
+Per benchmark, problems are generated in batches through :func:`ssb.engines.make_engine` (vLLM with ``LoRARequest``
+or HF + ``PeftModel``); each finished batch is graded in a process pool while the next one generates
+(math-verify's timeouts use ``SIGALRM``, which only works in a process's main thread, hence processes), and
+graded problems are appended to ``OUT/partial/<benchmark>.jsonl`` (private to this stage), so an interrupted eval
+resumes where it stopped; a partial made under another protocol, model or adapter is set aside with a message.
+Metrics live in :mod:`ssb.eval.stats`, tables and the chart in :mod:`ssb.eval.report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
 import sys
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssb.config import EngineConfig, EvalConfig, ModelConfig, SSBConfig, config_to_dict
-from ssb.eval_report import markdown_table, plot_runs, print_compare, write_report
-from ssb.eval_stats import aggregate, compare, load_results
-from ssb.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, weights_stamp
-from ssb.prompts import SYSTEM_PROMPT
+from ssb.config import EngineConfig, EvalConfig, ModelConfig, config_to_dict
+from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, weights_stamp
+from ssb.eval.protocols import Protocol, resolve_protocol
+from ssb.eval.report import markdown_table
+from ssb.eval.stats import aggregate
 
-__all__ = ["PROTOCOLS", "Protocol", "compare", "evaluate", "load_results", "resolve_protocol", "run_stage"]
 RESULTS_VERSION = 1
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Everything that decides what a score means; saved in full with every result."""
-
-    name: str
-    system: str | None  # None: no system message
-    user_template: str  # "{question}" is replaced by the question (plain replace: LaTeX braces stay as they are)
-    temperature: float  # 0 = greedy
-    top_p: float
-    top_k: int  # 0 = off
-    n: int  # samples per problem
-    max_new_tokens: int
-    source: str  # where the preset comes from
-
-    def messages(self, question: str) -> list[dict]:
-        user = {"role": "user", "content": self.user_template.replace("{question}", question)}
-        return ([{"role": "system", "content": self.system}] if self.system is not None else []) + [user]
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in (
-        Protocol(
-            "ssb-paper", SYSTEM_PROMPT, "{question}", 0.8, 1.0, 50, 1, 8192,
-            "SSB tutor system prompt (ssb.prompts) + bare question, boxed answer; sampling of the reference code's "
-            "inference (github.com/purbeshmitra/semantic-soft-bootstrapping logit_gen.py: T=0.8, top_k=50, 8192)",
-        ),
-        Protocol(
-            "qwen-math", BOXED_INSTRUCTION, "{question}", 0.0, 1.0, 0, 1, 2048,
-            "Qwen2.5-Math evaluation chat prompt (system = boxed CoT instruction), greedy, 2048 new tokens",
-        ),
-        Protocol(
-            "r1", None, "{question}\n" + BOXED_INSTRUCTION, 0.6, 0.95, 0, 8, 8192,
-            "DeepSeek-R1 recommendation (arXiv 2501.12948): no system prompt, instruction in the user turn, "
-            "T=0.6, top_p=0.95, pass@1 averaged over n samples; 8192 new tokens here (R1 used 32768)",
-        ),
-    )
-}  # fmt: skip
-
-
-def resolve_protocol(eval_cfg: EvalConfig) -> Protocol:
-    """The named preset with the config's explicit overrides (n, temperature, top_p, max_new_tokens) applied."""
-    if eval_cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"eval.protocol: unknown protocol {eval_cfg.protocol!r} (expected one of {sorted(PROTOCOLS)})")
-    changes: dict[str, Any] = {}
-    for key in ("n", "temperature", "top_p", "max_new_tokens"):
-        if getattr(eval_cfg, key) is not None:
-            changes[key] = getattr(eval_cfg, key)
-    proto = dataclasses.replace(PROTOCOLS[eval_cfg.protocol], **changes)
-    if proto.n < 1 or proto.max_new_tokens < 1:
-        raise ValueError(f"eval: n and max_new_tokens must be >= 1, got n={proto.n} max={proto.max_new_tokens}")
-    if proto.temperature == 0 and proto.n > 1:
-        raise ValueError(f"eval: protocol {proto.name} is greedy (temperature 0); n={proto.n} copies would fake pass@k")
-    return proto
 
 
 # --------------------------------------------------------------------------------------------------
 # Grading (runs in worker processes)
 
 
-def grade_problem(texts: list[str], gold: str) -> list[dict]:
-    """Verdict, extracted answer and answer cluster (index of the first equivalent answer) per sample text."""
-    from ssb.grading import answers_equal, extract_answer, is_correct
+def grade_problem(samples: list[tuple[str, str]], gold: str, mode: str = "strict") -> list[dict]:
+    """Per ``(text, finish_reason)`` sample: the extracted answer, the verdict (:func:`ssb.core.grading.grade`: a
+    truncated reply is wrong), whether the answer alone was right, and the answer cluster (index of the first
+    equivalent answer; None for no answer or a truncated reply, which do not vote in maj@k)."""
+    from ssb.core.grading import cluster_answers, grade
 
-    out: list[dict] = []
-    reps: list[int] = []  # first sample of each distinct answer
-    for i, text in enumerate(texts):
-        pred = extract_answer(text)
-        cluster = None
-        if pred is not None:
-            cluster = next((r for r in reps if out[r]["pred"] == pred or answers_equal(pred, out[r]["pred"])), None)
-            if cluster is None:
-                reps.append(i)
-                cluster = i
-        out.append({"pred": pred, "correct": bool(is_correct(text, gold)), "cluster": cluster})
-    return out
+    verdicts = [grade(text, gold, finish_reason=reason, mode=mode) for text, reason in samples]
+    clusters = cluster_answers([None if v.status == "truncated" else v.answer for v in verdicts])
+    return [
+        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c}
+        for v, c in zip(verdicts, clusters, strict=True)
+    ]
 
 
-def grade_batch(items: list[tuple[list[str], str]]) -> list[list[dict]]:
-    return [grade_problem(texts, gold) for texts, gold in items]
+def grade_batch(items: list[tuple[list[tuple[str, str]], str]], mode: str = "strict") -> list[list[dict]]:
+    return [grade_problem(samples, gold, mode) for samples, gold in items]
 
 
 class InlineExecutor(Executor):
@@ -234,8 +166,8 @@ def evaluate_problems(
             if len(outs) != len(batch) or any(len(o) != protocol.n for o in outs):
                 got = [len(o) for o in outs]
                 raise RuntimeError(f"engine returned {got} completions for {len(batch)} prompts x n={protocol.n}")
-            items = [([c.text for c in comps], p.answer) for (_, p), comps in zip(batch, outs)]
-            pending.append((pool.submit(grade_batch, items), batch, outs))
+            items = [([(c.text, c.finish_reason) for c in comps], p.answer) for (_, p), comps in zip(batch, outs)]
+            pending.append((pool.submit(grade_batch, items, protocol.grading), batch, outs))
             flush(wait=False)  # write whatever the graders finished; never wait here
             bar.update(len(batch))
     finally:
@@ -253,6 +185,7 @@ def evaluate(
     adapter: str | Path | None = None,
     label: str | None = None,
     engine: Any = None,
+    grading: str = "strict",
 ) -> dict:
     """Evaluate the base model (or ``adapter`` on it) on ``eval_cfg.benchmarks``; write ``OUT/results.json``.
 
@@ -260,12 +193,12 @@ def evaluate(
     "benchmarks": {name: {"aggregates": {...}, "problems": [every sample with text, verdict, length]}}}``.
     Pass a prebuilt ``engine`` (:mod:`ssb.engines`, e.g. LoRA-enabled vLLM) to reuse one; the caller closes it.
     """
-    from ssb.data import load_problems
+    from ssb.core.data import load_problems
 
     out_dir = Path(out_dir)
     adapter = str(adapter) if adapter is not None else None
     label = label or ("base" if adapter is None else Path(adapter).name)
-    protocol = resolve_protocol(eval_cfg)
+    protocol = resolve_protocol(eval_cfg, grading)
     holder: dict[str, Any] = {"engine": engine}
 
     def engine_factory():  # built only if something is left to generate (a finished eval resumes for free)
@@ -299,62 +232,3 @@ def evaluate(
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", markdown_table([results]))
     return results
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage entry point
-
-
-def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
-    """``ssb eval``: base (and the adapter: ``--adapter``, ``eval.adapter`` or ``RUN_DIR/train/adapter``)."""
-    if getattr(args, "compare", None):
-        a, b = (load_results(p) for p in args.compare)
-        cmp = print_compare(a, b)
-        if getattr(args, "out", None):
-            atomic_write_json(Path(args.out) / "compare.json", cmp)
-            print(f"chart: {plot_runs([a, b], Path(args.out) / 'compare.png')}")
-        return 0
-    out = Path(getattr(args, "out", None) or Path(cfg.run_dir) / "eval")
-    adapter = getattr(args, "adapter", None) or cfg.eval.adapter
-    trained = Path(cfg.run_dir) / "train" / "adapter"
-    if adapter is None and (trained / "adapter_config.json").exists():
-        adapter = str(trained)
-    plan = ([("base", None)] if cfg.eval.include_base or adapter is None else []) + (
-        [("ssb" if adapter == str(trained) else Path(adapter).name, adapter)] if adapter else []
-    )
-    if adapter is not None and cfg.train.qlora:
-        print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
-              "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
-    if cfg.rounds > 1 and adapter is not None and adapter == str(trained):
-        return _eval_rounds(cfg, out)
-    engine = None
-    if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
-        from ssb.engines import adapter_rank, make_engine
-
-        engine = make_engine(cfg.model, cfg.engine, enable_lora=True, max_lora_rank=adapter_rank(adapter))
-    try:
-        runs = [
-            evaluate(cfg.model, cfg.engine, cfg.eval, out / label, adapter=ad, label=label, engine=engine)
-            for label, ad in plan
-        ]
-    finally:
-        if engine is not None:
-            engine.close()
-    report, chart = write_report(runs, out)
-    print(report.read_text())
-    print(f"ssb eval: results in {', '.join(str(out / lb / 'results.json') for lb, _ in plan)}; chart {chart}")
-    return 0
-
-
-def _eval_rounds(cfg: SSBConfig, out: Path) -> int:
-    """``rounds=R``: the base and every round's student (merged weights, one engine each), one report."""
-    from ssb.rounds import round_students
-
-    models = ([("base", cfg.model)] if cfg.eval.include_base else []) + [
-        (label, dataclasses.replace(cfg.model, name_or_path=str(path))) for label, path in round_students(cfg)
-    ]
-    runs = [evaluate(model, cfg.engine, cfg.eval, out / label, label=label) for label, model in models]
-    report, chart = write_report(runs, out)
-    print(report.read_text())
-    print(f"ssb eval: results per round in {', '.join(str(out / lb / 'results.json') for lb, _ in models)}")
-    return 0

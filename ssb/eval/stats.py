@@ -2,7 +2,7 @@
 
 Everything here is pure numpy/python on per-problem records, so it is exact, fast and testable without a model.
 A per-problem record is ``{"id", "answer", "meta", "samples": [{"correct": bool, "cluster": int | None,
-"n_tokens": int, "finish_reason": str, "pred": str | None, ...}]}`` (see :mod:`ssb.eval`).
+"n_tokens": int, "finish_reason": str, "pred": str | None, ...}]}`` (see :mod:`ssb.eval.scoring`).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> 
     """Every metric of one benchmark run, with 95% bootstrap CIs over problems.
 
     Returns ``{"n_problems", "n_samples", "pass@k": {k: {"value", "ci"}}, "maj@k": {...}, "by_level",
-    "by_subject", "mean_tokens_correct", "mean_tokens_wrong", "truncation_rate", "no_answer_rate"}``.
+    "by_subject", "mean_tokens_correct", "mean_tokens_wrong", "truncation_rate", "truncated_right_answer_rate",
+    "no_answer_rate"}``.
     """
     if not records:
         return {"n_problems": 0, "n_samples": 0}
@@ -171,11 +172,15 @@ def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> 
     out["mean_tokens_correct"] = _mean([s["n_tokens"] for s in flat if s["correct"]])
     out["mean_tokens_wrong"] = _mean([s["n_tokens"] for s in flat if not s["correct"]])
     out["truncation_rate"] = float(np.mean([s["finish_reason"] == "length" for s in flat]))
+    # the protocol counts a truncated reply as wrong; this is the share of samples that rule turned from right
+    out["truncated_right_answer_rate"] = float(
+        np.mean([s["finish_reason"] == "length" and bool(s.get("answer_correct")) for s in flat])
+    )
     out["no_answer_rate"] = float(np.mean([s.get("pred") is None for s in flat]))
     return out
 
 
-# Comparing two results files (the dicts written by ssb.eval.evaluate)
+# Comparing two results files (the dicts written by ssb.eval.scoring)
 
 
 def load_results(path: str | Path) -> dict:
@@ -198,7 +203,7 @@ def compare(results_a: dict | str | Path, results_b: dict | str | Path, *, n_boo
 
     Problems are matched by id; problems only one run has are counted in ``unmatched`` and left out.
     ``same_protocol`` is False when the two runs used different protocols (then the difference mixes model
-    and protocol). See :func:`ssb.eval_stats.paired_test` for the two tests.
+    and protocol). See :func:`ssb.eval.stats.paired_test` for the two tests.
     """
     a = results_a if isinstance(results_a, dict) else load_results(results_a)
     b = results_b if isinstance(results_b, dict) else load_results(results_b)

@@ -3,12 +3,12 @@
 Stages (resumable, recorded in ``RUN_DIR/run.json``): rollout -> curate -> capture -> train (SSB: KD on the
 stored teacher) -> train_sft (the control: same pairs, same LoRA, cross-entropy on the teacher's solution
 tokens instead of the KD loss) -> eval (base, SSB and SFT students on the held-out toy test split, one
-engine) -> report (``report.json``, ``report.md``, ``report.png``).
+engine) -> report (``report.json``, ``report.md``, ``report.png``). The report reads only the stages' public
+outputs (:class:`ssb.core.layout.RunLayout`) and ``run.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import resource
@@ -16,22 +16,27 @@ import sys
 from pathlib import Path
 
 from ssb.config import SSBConfig, load_config
-from ssb.files import atomic_write_json, atomic_write_text, iter_jsonl
-from ssb.pipeline import STAGES, Stage, StageFailed, load_manifest, run_pipeline
+from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
+from ssb.core.layout import RunLayout
+from ssb.core.models import merged_model
+from ssb.run.plan import Stage, stage
+from ssb.run.rounds import ensure_student
+from ssb.run.runner import StageFailed, load_manifest, run_pipeline
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+SFT = "train_sft"  # train.output_subdir of the SFT control
 QWEN_VOCAB = 151936  # dense float32 logits of Qwen2.5 cost 4 * 151936 bytes per distilled token
 RUNS = ("base", "ssb", "sft")
 
 
 def sft_config(cfg: SSBConfig) -> SSBConfig:
     """The SFT control: the SSB training config with CE on the solution tokens instead of KD."""
-    train = dataclasses.replace(cfg.train, kd_weight=0.0, ce_weight=1.0, output_subdir="train_sft")
+    train = dataclasses.replace(cfg.train, kd_weight=0.0, ce_weight=1.0, output_subdir=SFT)
     return dataclasses.replace(cfg, train=train)
 
 
 def _train_sft(cfg: SSBConfig) -> int:
-    from ssb.trainer import train
+    from ssb.train import train
 
     train(sft_config(cfg), cfg.run_dir)
     return 0
@@ -41,12 +46,9 @@ def eval_models(cfg: SSBConfig) -> dict[str, str]:
     """Label -> model directory for the demo eval: base, the SSB student (every round's with ``rounds > 1``) and
     the SFT control. LoRAs are merged into plain weights first: vLLM's CPU LoRA path is ~5x slower than the plain
     model on this tiny network, and the merged weights are the same function up to float rounding."""
-    from ssb.rounds import ensure_student, merged_model
-
-    run_dir = Path(cfg.run_dir)
-    sft = run_dir / "train_sft" / "adapter"
+    layout = RunLayout(cfg.run_dir)
     models = {"base": cfg.model.name_or_path, "ssb": str(ensure_student(cfg, 1))}
-    models["sft"] = str(merged_model(cfg.model.name_or_path, cfg.model.dtype, sft, run_dir / "train_sft" / "student"))
+    models["sft"] = str(merged_model(cfg.model, layout.adapter(SFT), layout.merged(SFT)))
     models.update({f"ssb_round{r}": str(ensure_student(cfg, r)) for r in range(2, cfg.rounds + 1)})
     return models
 
@@ -57,25 +59,24 @@ def _eval_all(cfg: SSBConfig) -> int:
 
     for label, path in eval_models(cfg).items():
         model = dataclasses.replace(cfg.model, name_or_path=path)
-        evaluate(model, cfg.engine, cfg.eval, Path(cfg.run_dir) / "eval" / label, label=label)
+        evaluate(
+            model, cfg.engine, cfg.eval, RunLayout(cfg.run_dir).eval / label, label=label, grading=cfg.grading.mode
+        )
     return 0
 
 
 def demo_plan() -> list[Stage]:
-    by_name = {s.name: s for s in STAGES}
     return [
-        *(by_name[n] for n in ("rollout", "curate", "capture", "train")),
+        *(stage(n) for n in ("rollout", "curate", "capture", "train")),
         Stage("train_sft", (), _train_sft),
         Stage("eval", ("eval",), _eval_all),
     ]
 
 
-def _hinted_pass1(run_dir: Path) -> tuple[float | None, int]:
+def _hinted_pass1(curation: dict) -> tuple[float | None, int]:
     """Share of hinted robust solutions that came out correct (the teacher's ceiling on curated problems)."""
-    path = run_dir / "curate" / "decisions.jsonl"
-    records = [rec for _, rec in iter_jsonl(path)] if path.exists() else []
-    statuses = [s for rec in records for s in rec.get("attempt_statuses", [rec.get("status")])]
-    return (sum(s == "kept" for s in statuses) / len(statuses) if statuses else None), len(statuses)
+    h = curation["hinted_attempts"]
+    return (h["kept"] / h["total"] if h["total"] else None), h["total"]
 
 
 def _last_metric(path: Path, key: str) -> float | None:
@@ -90,32 +91,30 @@ def _mean_metric(path: Path, key: str) -> float | None:
 
 def _round_pairs(cfg: SSBConfig, r: int) -> dict:
     """Pairs a round curated and how many problems with both outcomes it sent to the teacher for them."""
-    from ssb.rounds import round_dir
-
-    stats = json.loads((round_dir(cfg, r) / "curate" / "curation_stats.json").read_text())
+    stats = json.loads(RunLayout(cfg.run_dir).round(r).curate_stats.read_text())
     return {"pairs": stats["pairs"], "tried": stats["candidates"]}
 
 
 def build_report(cfg: SSBConfig) -> dict:
     """Collect the figures of a finished demo run into ``report.json`` / ``report.md`` / ``report.png``."""
-    from ssb.eval_report import markdown_table, plot_runs
-    from ssb.eval_stats import compare, load_results
-    from ssb.store import TeacherStore, store_dir, summarize
+    from ssb.eval.report import markdown_table, plot_runs
+    from ssb.eval.stats import compare, load_results
+    from ssb.store import TeacherStore, summarize
 
-    run_dir = Path(cfg.run_dir)
+    layout = RunLayout(cfg.run_dir)
     labels = [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
-    results = {label: load_results(run_dir / "eval" / label / "results.json") for label in labels}
+    results = {label: load_results(layout.results(label)) for label in labels}
     bench = cfg.eval.benchmarks[0]
 
     def pass1(label: str) -> dict:
         return results[label]["benchmarks"][bench]["aggregates"]["pass@k"]["1"]
 
-    store = summarize(TeacherStore(store_dir(run_dir)))
-    curation = json.loads((run_dir / "curate" / "curation_stats.json").read_text())
-    timing_path = run_dir / "rollout" / "timing.json"  # the last rollout session's wall time and tokens
+    store = summarize(TeacherStore(layout.store))
+    curation = json.loads(layout.curate_stats.read_text())
+    timing_path = layout.rollout_timing  # the last rollout session's wall time and tokens
     rollout_timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    hinted, hinted_n = _hinted_pass1(run_dir)
-    stages = load_manifest(run_dir)["stages"]
+    hinted, hinted_n = _hinted_pass1(curation)
+    stages = load_manifest(layout.root)["stages"]
     report = {
         "benchmark": bench,
         "protocol": results["base"]["protocol"],
@@ -136,10 +135,10 @@ def build_report(cfg: SSBConfig) -> dict:
         "stage_seconds": {name: rec.get("seconds") for name, rec in stages.items()},
         "tokens_per_s": {
             "rollout": rollout_timing.get("tokens_per_s"),
-            "train_ssb": _mean_metric(run_dir / "train" / "metrics.jsonl", "distilled_tokens_per_s"),
-            "train_sft": _mean_metric(run_dir / "train_sft" / "metrics.jsonl", "distilled_tokens_per_s"),
+            "train_ssb": _mean_metric(layout.metrics(), "distilled_tokens_per_s"),
+            "train_sft": _mean_metric(layout.metrics(SFT), "distilled_tokens_per_s"),
         },
-        "train_peak_memory_mb": _last_metric(run_dir / "train" / "metrics.jsonl", "peak_memory_mb"),
+        "train_peak_memory_mb": _last_metric(layout.metrics(), "peak_memory_mb"),
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seed": cfg.seed,
         "rounds": [
@@ -148,10 +147,10 @@ def build_report(cfg: SSBConfig) -> dict:
         ],
     }
     runs = [results[label] for label in labels]
-    chart = plot_runs(runs, run_dir / "report.png")
+    chart = plot_runs(runs, layout.report("png"))
     md = render_markdown(report, markdown_table(runs))
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_json(layout.report("json"), report)
+    atomic_write_text(layout.report("md"), md)
     report["chart"] = str(chart)
     return report
 
@@ -209,16 +208,17 @@ def _paired(cmp: dict, bench: str) -> str:
     )
 
 
-def demo(cfg: SSBConfig, args: argparse.Namespace) -> int:
-    if getattr(args, "out", None):
-        cfg = dataclasses.replace(cfg, run_dir=str(args.out))
+def demo(cfg: SSBConfig, *, out: str | Path | None = None, from_stage: str | None = None) -> int:
+    """``ssb demo``: run :func:`demo_plan` into ``out`` (default ``cfg.run_dir``), then print the report."""
+    if out:
+        cfg = dataclasses.replace(cfg, run_dir=str(out))
     try:
-        run_pipeline(cfg, from_stage=getattr(args, "from_stage", None), plan=demo_plan())
+        run_pipeline(cfg, from_stage=from_stage, plan=demo_plan())
     except StageFailed as e:
         print(f"ssb demo: {e}", file=sys.stderr)
         return 1
     report = build_report(cfg)
-    print((Path(cfg.run_dir) / "report.md").read_text())
+    print(RunLayout(cfg.run_dir).report("md").read_text())
     print(f"ssb demo: report in {cfg.run_dir}/report.json, chart {report['chart']}")
     return 0
 

@@ -3,52 +3,23 @@
 ``RUN_DIR/run.json`` records, per stage, its status, timings and the hash of the config it ran with (its
 own section and everything upstream). A rerun skips a completed stage whose hash is unchanged and redoes
 the rest; ``--from STAGE`` forces a restart there. A failure leaves completed stages intact and names the
-stage that failed. ``ssb demo`` (``ssb/demo.py``) builds on this.
+stage that failed. The stages come from :mod:`ssb.run.plan`; ``ssb demo`` (:mod:`ssb.run.demo`) builds on this.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from ssb.config import SSBConfig, config_hash, save_config
-from ssb.files import atomic_write_json, sha256_text
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of a run: its name, the config sections it reads beyond its upstream, and how to run it."""
-
-    name: str
-    sections: tuple[str, ...]
-    run: Callable[[SSBConfig], int]
-
-
-def module_stage(name: str, module: str, sections: tuple[str, ...]) -> Stage:
-    """A stage that calls ``module.run_stage(cfg, args)`` (the same entry point as ``ssb <stage>``)."""
-
-    def run(cfg: SSBConfig) -> int:
-        return int(importlib.import_module(module).run_stage(cfg, stage_args()) or 0)
-
-    return Stage(name, sections, run)
-
-
-STAGES: list[Stage] = [
-    module_stage("rollout", "ssb.rollout", ("model", "data", "engine", "rollout")),
-    module_stage("curate", "ssb.curation", ("curate",)),
-    module_stage("capture", "ssb.teacher", ("capture",)),
-    module_stage("train", "ssb.trainer", ("train",)),
-    module_stage("eval", "ssb.eval", ("eval",)),
-]
-STAGE_NAMES = [stage.name for stage in STAGES]
+from ssb.config import SSBConfig, config_hash, config_to_dict, save_config
+from ssb.core.files import atomic_write_json, sha256_text
+from ssb.core.layout import RunLayout
+from ssb.run.plan import STAGES, Stage, expand
 
 
 class StageFailed(RuntimeError):
@@ -60,7 +31,7 @@ def stage_hashes(cfg: SSBConfig, plan: list[Stage]) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: list[str] = [repr(cfg.seed)]
     for stage in plan:
-        seen.extend(repr(getattr(cfg, s)) for s in stage.sections)
+        seen.extend(json.dumps(config_to_dict(getattr(cfg, s)), sort_keys=True) for s in stage.sections)
         out[stage.name] = sha256_text("\n".join(seen))[:16]
     return out
 
@@ -75,16 +46,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def stage_args(**extra) -> argparse.Namespace:
-    """The Namespace a stage's ``run_stage`` receives when called from the pipeline."""
-    base = dict(config=None, overrides=[], inspect=None, adapter=None, compare=None, out=None, dry_run=False)
-    base["resume"] = True
-    base.update(extra)
-    return argparse.Namespace(**base)
-
-
 def load_manifest(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
+    path = RunLayout(run_dir).manifest
     if not path.exists():
         return {"stages": {}}
     return json.loads(path.read_text())
@@ -98,9 +61,7 @@ def run_pipeline(
 ) -> dict:
     """Run the stages of ``plan`` (default: all of :data:`STAGES`) into ``cfg.run_dir``; return run.json.
 
-    With ``cfg.rounds > 1`` the rollout..train stages repeat once per extra round (:mod:`ssb.rounds`)."""
-    from ssb.rounds import expand
-
+    With ``cfg.rounds > 1`` the rollout..train stages repeat once per extra round (:mod:`ssb.run.rounds`)."""
     plan = expand(STAGES if plan is None else plan, cfg.rounds)
     names = [stage.name for stage in plan]
     if from_stage is not None and from_stage not in names:
@@ -123,38 +84,32 @@ def run_pipeline(
         stale = True  # everything after a rerun stage reruns too
         rec = {"status": "running", "config_hash": hashes[name], "started": time.time()}
         manifest["stages"][name] = rec
-        atomic_write_json(run_dir / "run.json", manifest)
+        atomic_write_json(RunLayout(run_dir).manifest, manifest)
         print(f"[ssb run] {name}: running", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            rc = stage.run(cfg)
+            rc = stage.run(cfg, **stage.pipeline)
             if rc:
                 raise StageFailed(f"stage {name} exited with status {rc}")
         except BaseException as e:
             rec.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
             rec["traceback"] = traceback.format_exc(limit=8)
-            atomic_write_json(run_dir / "run.json", manifest)
+            atomic_write_json(RunLayout(run_dir).manifest, manifest)
             if isinstance(e, KeyboardInterrupt | StageFailed):
                 raise
             raise StageFailed(
-                f"stage {name} failed: {type(e).__name__}: {e} (details in {run_dir / 'run.json'})"
+                f"stage {name} failed: {type(e).__name__}: {e} (details in {RunLayout(run_dir).manifest})"
             ) from e
         rec.update(status="done", seconds=time.perf_counter() - t0, finished=time.time())
-        atomic_write_json(run_dir / "run.json", manifest)
+        atomic_write_json(RunLayout(run_dir).manifest, manifest)
     return manifest
 
 
-def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
+def run(cfg: SSBConfig, *, from_stage: str | None = None) -> int:
     """``ssb run``: all stages; prints where it failed and exits non-zero on failure."""
     try:
-        run_pipeline(cfg, from_stage=getattr(args, "from_stage", None))
+        run_pipeline(cfg, from_stage=from_stage)
     except StageFailed as e:
         print(f"ssb run: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def run_demo(cfg: SSBConfig, args: argparse.Namespace) -> int:
-    from ssb.demo import demo
-
-    return demo(cfg, args)

@@ -14,11 +14,9 @@ ever unpickled. ``lse_T1.0`` is not stored: ``c_1 = 0`` exactly by definition (S
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from ssb.files import atomic_write_bytes, atomic_write_json, read_jsonl, sha256_file, sha256_text
-from ssb.prompts import prompt_ids, reply_ids
+from ssb.core.files import atomic_write_bytes, atomic_write_json, sha256_file
 
 FORMAT = "ssb-teacher-store"
 FORMAT_VERSION = 1
@@ -39,15 +36,6 @@ class StoreError(ValueError):
     """A store is missing, corrupt or inconsistent; the message names the file."""
 
 
-class StoreMismatchError(StoreError):
-    """The store was captured with another tokenizer, chat template or model than the caller uses."""
-
-
-def store_dir(run_dir: str | Path) -> Path:
-    """Where ``ssb capture`` writes the store of a run (and ``ssb train`` reads it)."""
-    return Path(run_dir) / "capture"
-
-
 def shard_name(j: int) -> str:
     return f"shard-{j:05d}.safetensors"
 
@@ -57,54 +45,7 @@ def lse_key(temperature: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Compatibility hashes
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) plus the special tokens: equal hash, equal tokenisation table."""
-    blob = json.dumps(
-        {
-            "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
-            "specials": sorted(map(str, tokenizer.all_special_tokens)),
-            "added": sorted((str(t.content), i) for i, t in tokenizer.added_tokens_decoder.items()),
-        },
-        ensure_ascii=False,
-    )
-    return sha256_text(blob)[:16]
-
-
-def chat_template_hash(tokenizer) -> str:
-    template = tokenizer.chat_template
-    return sha256_text(json.dumps(template, sort_keys=True))[:16]
-
-
-def check_compatible(
-    manifest: dict, tokenizer, model_name: str | None = None, *, vocab_size: int | None = None
-) -> None:
-    """Raise :class:`StoreMismatchError` unless ``tokenizer`` (and ``model_name``/``vocab_size``) match the store.
-
-    The trainer calls this before training: ids from another tokenizer or template would silently misalign.
-    """
-    where = manifest.get("path", "teacher store")
-    got = {"tokenizer hash": tokenizer_hash(tokenizer), "chat-template hash": chat_template_hash(tokenizer)}
-    want = {
-        "tokenizer hash": manifest["tokenizer"]["hash"],
-        "chat-template hash": manifest["tokenizer"]["chat_template"],
-    }
-    if model_name is not None:
-        got["model"], want["model"] = model_name, manifest["model"]["id"]
-    if vocab_size is not None:
-        got["vocab size"], want["vocab size"] = vocab_size, manifest["model"]["vocab_size"]
-    for key in got:
-        if got[key] != want[key]:
-            raise StoreMismatchError(
-                f"{where}: {key} mismatch: the store was captured with {want[key]!r}, the trainer uses {got[key]!r}; "
-                "recapture the store (ssb capture) with the trainer's model and tokenizer"
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# One example, as captured and as loaded
+# One example, as captured and as loaded (the student side is ssb.store.pairing)
 
 
 @dataclass(frozen=True)
@@ -129,26 +70,6 @@ class StoreExample:
     @property
     def rows(self) -> int:
         return int(self.token_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class DistillExample:
-    """A student sequence and the teacher targets aligned to it.
-
-    Hidden positions ``reply_start .. reply_start + R - 1`` of ``input_ids`` predict the R reply tokens.
-
-    Shape:
-        input_ids (P + R - 1,) long - student chat prompt (generation prompt included) + reply ids[:-1]
-        token_ids (R,), topk_ids (R, k), topk_logprobs (R, k), lse_t (R,) float32 - c_T at the training T
-    """
-
-    example_index: int
-    input_ids: torch.Tensor
-    reply_start: int
-    token_ids: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    lse_t: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +237,6 @@ class TeacherStore:
             raise StoreError(f"{mpath}: not an {FORMAT} v{FORMAT_VERSION} manifest")
         self.k = int(self.manifest["k"])
         self.exact_temperatures = [float(t) for t in self.manifest["exact_temperatures"]]
-        self._warned: set[float] = set()
         self._shards = [self._load_shard(s, verify) for s in self.manifest["shards"]]
         self._index = [(si, j) for si, sh in enumerate(self._shards) for j in range(sh["example_index"].shape[0])]
         self._by_example = {int(self._shards[si]["example_index"][j]): n for n, (si, j) in enumerate(self._index)}
@@ -383,108 +303,6 @@ class TeacherStore:
         """Position in this store of the example from line ``example_index`` of student.jsonl (KeyError if skipped)."""
         return self._by_example[example_index]
 
-    def lse_for(self, temperature: float, example: StoreExample) -> torch.Tensor:
-        """``c_T`` for ``example`` (R,): exact when captured, else SPEC section 1's one-token-tail approximation."""
-        t = float(temperature)
-        if t in example.lse:
-            return example.lse[t]
-        if t not in self._warned:
-            self._warned.add(t)
-            warnings.warn(
-                f"{self.path}: c_T for T={t} was not captured (exact: {self.exact_temperatures}); "
-                "approximating the teacher tail as one token (SPEC section 1)",
-                stacklevel=2,
-            )
-        return approx_lse(example.topk_logprobs, t)
-
     def bytes_per_row(self) -> float:
         rows = max(1, self.manifest["counts"]["rows"])
         return sum(s["bytes"] for s in self.manifest["shards"]) / rows
-
-
-def approx_lse(topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``c_T ~= LSE(l_K / T, log(1 - sum_K exp(l_K)) / T)`` per row (float64 math, float32 out), tail in log space.
-
-    Float32 inputs whose top-k holds all the mass leave a rounding tail of ~1e-7, worth ~1e-4 in c_T at T = 2.
-
-    Shape: topk_logprobs (R, k) -> (R,)
-    """
-    lp = topk_logprobs.double()
-    lse_k = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
-    log_tail = torch.log(-torch.expm1(lse_k))  # log(1 - Q_K), -inf when the top-k holds all the mass
-    cols = torch.cat([lp / temperature, (log_tail / temperature).unsqueeze(-1)], dim=-1)
-    return torch.logsumexp(cols, dim=-1).float()
-
-
-# --------------------------------------------------------------------------------------------------
-# Student side
-
-
-def build_student_examples(
-    store: TeacherStore, student_jsonl: str | Path, tokenizer, temperature: float
-) -> list[DistillExample]:
-    """Pair every stored example with its student view (line ``example_index`` of ``student_jsonl``).
-
-    The student prompt is the chat template of [system, bare question] with the generation prompt; the reply
-    ids are recomputed and must equal the stored ones (else :class:`StoreMismatchError` naming the line).
-    """
-    check_compatible(store.manifest, tokenizer)
-    records = read_jsonl(student_jsonl)
-    out = []
-    for i in range(len(store)):
-        ex = store[i]
-        line = ex.example_index + 1
-        if ex.example_index >= len(records):
-            raise StoreMismatchError(f"{student_jsonl}: has {len(records)} examples, store expects line {line}")
-        msgs = records[ex.example_index].get("messages")
-        if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
-            raise StoreMismatchError(f"{student_jsonl}:{line}: messages: expected [..., user, assistant]")
-        p_ids = prompt_ids(tokenizer, msgs[:-1])
-        r_ids = reply_ids(tokenizer, msgs[-1]["content"])
-        if r_ids != ex.token_ids.tolist():
-            raise StoreMismatchError(
-                f"{student_jsonl}:{line}: the reply tokenises to {len(r_ids)} ids that differ from the "
-                f"{ex.rows} stored ones (edited file or different tokenizer)"
-            )
-        input_ids = torch.tensor(p_ids + r_ids[:-1], dtype=torch.long)
-        out.append(
-            DistillExample(
-                example_index=ex.example_index,
-                input_ids=input_ids,
-                reply_start=len(p_ids) - 1,
-                token_ids=ex.token_ids,
-                topk_ids=ex.topk_ids,
-                topk_logprobs=ex.topk_logprobs,
-                lse_t=store.lse_for(temperature, ex),
-            )
-        )
-    return out
-
-
-def summarize(store: TeacherStore) -> dict:
-    """Inspection figures: examples, rows, bytes/row, mean top-k teacher mass, share of reply tokens in the top-k."""
-    mass, hits, rows = 0.0, 0, 0
-    for i in range(len(store)):
-        ex = store[i]
-        mass += float(ex.topk_logprobs.float().exp().sum(-1).sum())
-        hits += int((ex.topk_ids == ex.token_ids.unsqueeze(-1)).any(-1).sum())
-        rows += ex.rows
-    m = store.manifest
-    dense = 4 * int(m["model"]["vocab_size"])
-    bpr = store.bytes_per_row()
-    return {
-        "path": str(store.path),
-        "model": m["model"]["id"],
-        "backend": m.get("backend"),
-        "k": store.k,
-        "value_dtype": m["value_dtype"],
-        "exact_temperatures": store.exact_temperatures,
-        "examples": len(store),
-        "rows": rows,
-        "skipped": m["counts"]["skipped"],
-        "bytes_per_row": bpr,
-        "dense_fp32_bytes_per_row": dense,
-        "ratio_to_dense": bpr / dense if dense else math.nan,
-        "mean_topk_mass": mass / max(rows, 1),
-        "reply_token_in_topk": hits / max(rows, 1),
-    }

@@ -8,31 +8,21 @@ model produced both, otherwise a generated model-like pair (plain correct + plan
 from __future__ import annotations
 
 import random
-import re
-from collections import Counter
 from pathlib import Path
 
-from ssb import toy
-from ssb.prompts import student_messages, teacher_messages
-
-_BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+from ssb.core.grading import cluster_answers, extract_answer, grade
+from ssb.core.prompts import student_messages, teacher_messages
+from ssb.engines import Completion
+from ssb.toy import world as toy
 
 
 def _extract(text: str) -> str | None:
-    try:
-        from ssb.grading import extract_answer
-    except ImportError:  # grading not landed yet: the toy only ever boxes integers
-        found = _BOXED.findall(text)
-        return found[-1] if found else None
     return extract_answer(text)
 
 
-def _correct(text: str, gold: int) -> bool:
-    try:
-        from ssb.grading import is_correct
-    except ImportError:
-        return _extract(text) == str(gold)
-    return is_correct(text, str(gold))
+def _correct(completion: Completion, gold: int) -> bool:
+    """The stages' verdict (:func:`ssb.core.grading.grade`): a truncated reply is not correct."""
+    return grade(completion.text, str(gold), finish_reason=completion.finish_reason).correct
 
 
 def _norm(text: str) -> str:
@@ -78,7 +68,7 @@ def generate_within_budget(engine, conversations: list[list[dict]], sampling, *,
     in chunks; keeping every call's prompts within one step's token budget (8192 by default) avoids it.
     Seeds are keyed by the conversation's global index, so splitting the calls does not change the samples.
     """
-    from ssb.prompts import prompt_ids
+    from ssb.core.prompts import prompt_ids
 
     out: list = []
     group: list[int] = []
@@ -138,18 +128,21 @@ def measure(
         wrong_total = wrong_misc = 0
         n_right = 0
         for p, samples in zip(probs, bare):
-            right = [c.text for c in samples if _correct(c.text, p.answer())]
-            wrong = [c.text for c in samples if not _correct(c.text, p.answer())]
+            right = [c.text for c in samples if _correct(c, p.answer())]
+            wrong = [c.text for c in samples if not _correct(c, p.answer())]
             n_right += len(right)
             for w in wrong:
                 wrong_total += 1
                 wrong_misc += _int_or_none(_extract(w)) in p.misconception_answers()
             if right and wrong:  # like curation: a correct one and the most common wrong answer's sample
-                common = Counter(_extract(w) for w in wrong).most_common(1)[0][0]
-                pair = right[0], next(w for w in wrong if _extract(w) == common)
+                clusters = cluster_answers([_extract(w) for w in wrong])
+                no_answer = next((i for i, c in enumerate(clusters) if c is None), -1)
+                keys = [no_answer if c is None else c for c in clusters]  # group key: its first sample
+                top = max(keys, key=lambda c: (keys.count(c), -c))  # most common, ties: the first seen
+                pair = right[0], wrong[keys.index(top)]
                 n_own_pairs += 1
             else:
-                from ssb.toy_train import wrong_solution
+                from ssb.toy.pretrain import wrong_solution
 
                 pair = p.plain_solution(), wrong_solution(p, rng)
             shown.append(pair[0])
@@ -164,11 +157,11 @@ def measure(
         if own:
             engine.close()
     h_texts = [s[0].text for s in hinted]
-    h_right = sum(_correct(t, p.answer()) for t, p in zip(h_texts, probs))
+    h_right = sum(_correct(s[0], p.answer()) for s, p in zip(hinted, probs))
     trap_rows = [(p, s) for p, s in zip(probs, bare) if p.traps]
-    trap_right = sum(_correct(c.text, p.answer()) for p, s in trap_rows for c in s)
+    trap_right = sum(_correct(c, p.answer()) for p, s in trap_rows for c in s)
     clean_rows = [(p, s) for p, s in zip(probs, bare) if not p.traps]
-    clean_right = sum(_correct(c.text, p.answer()) for p, s in clean_rows for c in s)
+    clean_right = sum(_correct(c, p.answer()) for p, s in clean_rows for c in s)
     return {
         "n_problems": n,
         "k": k,

@@ -8,12 +8,11 @@ The data stream is deterministic in ``--seed`` and mixes three kinds of sequence
 - drill: lines of the arithmetic facts the solutions need (``84 - 15 = 69``), loss on the results only.
 
 Loss is next-token cross-entropy on reply (or drill result) tokens only. Prompts are built exactly as inference
-builds them (``ssb.prompts.prompt_ids`` + ``reply_ids``), so training text == inference prompts.
+builds them (``ssb.core.prompts.prompt_ids`` + ``reply_ids``), so training text == inference prompts.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ssb import toy
-from ssb.files import atomic_write_json
-from ssb.prompts import prompt_ids, reply_ids, student_messages, teacher_messages
+from ssb.core.files import atomic_write_json
+from ssb.core.prompts import prompt_ids, reply_ids, student_messages, teacher_messages
+from ssb.toy import world as toy
 
 
 @dataclass(frozen=True)
@@ -264,47 +263,3 @@ def pretrain(cfg: PretrainConfig, out: Path, init: Path | None = None) -> dict:
             log.update(steps_done=step, minutes=round((time.time() - t0) / 60, 2), tokens=seen_tokens)
             save_asset(model, tok, out, log)
     return log
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssb.toy")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pretrain", help="pretrain the toy model into an asset directory")
-    p.add_argument("--out", default=str(toy.asset_path()))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    p.add_argument("--save-every", type=int, default=PretrainConfig.save_every)
-    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    p.add_argument("--warmup", type=int, default=PretrainConfig.warmup)
-    p.add_argument("--init", default=None, help="continue from this asset directory (weights + tokenizer)")
-    p.add_argument("--mix", type=float, nargs=3, default=PretrainConfig.mix, help="bare, hinted, drill batch shares")
-    p.add_argument(
-        "--robust-attempts",
-        type=float,
-        default=PretrainConfig.robust_attempts,
-        help="share of hinted examples whose attempts are in the robust style (later SSB rounds)",
-    )
-    m = sub.add_parser("measure", help="bare/hinted accuracy, copy rate, misconception share (vLLM)")
-    m.add_argument("--model", default=str(toy.asset_path()))
-    m.add_argument("--n", type=int, default=200)
-    m.add_argument("--k", type=int, default=4)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--adapter", default=None)
-    m.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="vllm: wrap in flock /tmp/ssb-vllm.lock")
-    args = parser.parse_args(argv)
-    if args.cmd == "pretrain":
-        cfg = PretrainConfig(
-            seed=args.seed, steps=args.steps, save_every=args.save_every, lr=args.lr, warmup=args.warmup,
-            mix=tuple(args.mix), robust_attempts=args.robust_attempts,
-        )  # fmt: skip
-        pretrain(cfg, Path(args.out), Path(args.init) if args.init else None)
-        return 0
-    from ssb.toy_measure import measure
-
-    print(
-        json.dumps(
-            measure(args.model, n=args.n, k=args.k, seed=args.seed, adapter=args.adapter, backend=args.backend),
-            indent=2,
-        )
-    )
-    return 0

@@ -10,20 +10,18 @@ Neutral wordings (``"A boxes of B pens"``, ``"loses"``, ``"sells"``, ``"buys C m
 The bare (student) view writes a short plain solution; in pretraining, solutions of trigger problems follow the
 misconception with probability ``MISCONCEPTION_RATE``, so a bare sample fails for a recurring reason. The hinted
 (teacher) view writes a *robust* solution in its own style (a goal line, a caution sentence before each trap step,
-a closing sentence), never a copy of the shown solution. Pretraining lives in ``ssb.toy_train``
-(``python -m ssb.toy pretrain``).
+a closing sentence), never a copy of the shown solution. Pretraining lives in :mod:`ssb.toy.pretrain`
+(``python -m ssb.toy pretrain``), measuring in :mod:`ssb.toy.measure`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssb.files import atomic_write_jsonl
+from ssb.core.files import atomic_write_jsonl
 
 MISCONCEPTION_RATE = 0.5  # share of trigger steps the base model's pretraining data gets wrong
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -189,7 +187,7 @@ def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) 
 
 def asset_path() -> Path:
     """Directory of the shipped toy model + tokenizer (loadable with from_pretrained and vLLM)."""
-    return Path(__file__).resolve().parent / "assets" / "toy"
+    return Path(__file__).resolve().parents[1] / "assets" / "toy"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +225,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
 
 def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:
     """Texts the BPE is trained on: prompts, both solution styles, the hinted template, drills."""
-    from ssb.prompts import HINTED_TEMPLATE, SYSTEM_PROMPT
+    from ssb.core.prompts import HINTED_TEMPLATE, SYSTEM_PROMPT
 
     rng = random.Random(f"toy-tokenizer-{seed}")
     texts = [SYSTEM_PROMPT, HINTED_TEMPLATE] * 50
@@ -235,19 +233,3 @@ def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:
         p = sample_problem(rng)
         texts += [p.question(), p.plain_solution(), p.plain_solution(True, True), p.robust_solution(rng)]
     return texts
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ssb.toy pretrain|measure|splits ...`` (pretraining and measuring live in ssb.toy_train)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["splits"]:
-        out = argv[1] if len(argv) > 1 else "runs/toy_data"
-        print(json.dumps([str(p) for p in write_splits(out, 300, 500, 0)]))
-        return 0
-    from ssb import toy_train
-
-    return toy_train.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

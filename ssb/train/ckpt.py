@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR/train/checkpoints/step-NNNNNN/``: ``adapter/`` (standard PEFT format, loadable for eval),
 ``trainable.safetensors`` (the exact trainable tensors, used to resume), ``optimizer.pt``, ``scheduler.pt``,
 ``rng-rank<R>.pt`` and ``state.json`` (step = data position, since the example stream is a function of the
-step; see ``ssb.train_data``). A checkpoint is built in a temp directory and renamed into place, so a crash
+step; see ``ssb.train.data``). A checkpoint is built in a temp directory and renamed into place, so a crash
 never leaves a half-written ``step-*`` directory. Only tensors/primitives are saved, and loading uses
 ``torch.load(weights_only=True)``.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssb.files import atomic_write_json
+from ssb.core.files import atomic_write_json
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ssb.config import SSBConfig, load_config, save_config
-from ssb.files import atomic_write_json
+from ssb.core.files import atomic_write_json
 
 GRAIN = 256
 PROMPT = 32
@@ -57,7 +57,7 @@ class Prober:
     """Holds one random-weight student; :meth:`step` runs one training step on a length-L example."""
 
     def __init__(self, cfg: SSBConfig, device: torch.device):
-        from ssb.train_model import StudentBody, attach_lora, build_base, lm_head_weight
+        from ssb.train.model import StudentBody, attach_lora, build_base, lm_head_weight
 
         self.cfg, self.device = cfg, device
         self.arch = load_arch(cfg)
@@ -73,8 +73,8 @@ class Prober:
     def step(self, length: int, impl: str) -> None:
         from ssb.config import replace
         from ssb.store import DistillExample
-        from ssb.train_data import collate
-        from ssb.train_model import distill_loss_sums
+        from ssb.train.data import collate
+        from ssb.train.model import distill_loss_sums
 
         k, vocab, rows = self.cfg.capture.k, self.arch.vocab_size, length - PROMPT
         gen = torch.Generator().manual_seed(length)
@@ -155,7 +155,7 @@ def cuda_report(cfg: SSBConfig, impls: dict[str, str]) -> dict:
 
 def cpu_probe(cfg_path: Path, length: int, impl: str) -> tuple[bool, float]:
     """Run one step in a child process; (ok, peak RSS GiB of that child)."""
-    cmd = [sys.executable, "-m", "ssb.train_dryrun", str(cfg_path), str(length), impl]
+    cmd = [sys.executable, "-m", "ssb.train.dryrun", str(cfg_path), str(length), impl]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -225,6 +225,6 @@ def dry_run(cfg: SSBConfig, run_dir: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a CPU probe child: python -m ssb.train_dryrun CONFIG_YAML LENGTH IMPL
+if __name__ == "__main__":  # a CPU probe child: python -m ssb.train.dryrun CONFIG_YAML LENGTH IMPL
     torch.set_num_threads(1)
     Prober(load_config(sys.argv[1]), torch.device("cpu")).step(int(sys.argv[2]), sys.argv[3])

@@ -6,13 +6,13 @@ whole accumulation window over all ranks, so accumulation 4x2 equals 1x8 and 2 D
 process with the same global batch.
 
 Inputs: ``RUN_DIR/curate/student.jsonl`` and the teacher store ``RUN_DIR/capture/``. Outputs under
-``RUN_DIR/train/``: ``adapter/`` (standard PEFT format), ``checkpoints/``, ``metrics.jsonl``, ``config.yaml``.
+``RUN_DIR/train/`` (``train.output_subdir``): ``adapter/`` (standard PEFT format), ``checkpoints/``,
+``metrics.jsonl``, ``config.yaml`` (paths in :class:`ssb.core.layout.RunLayout`).
 Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP; gloo on CPU, nccl on CUDA).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import math
@@ -31,9 +31,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ssb.config import SSBConfig, save_config
-from ssb.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
-from ssb.train_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
-from ssb.train_data import (
+from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from ssb.core.layout import RunLayout
+from ssb.train.ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from ssb.train.data import (
     Example,
     check_examples,
     collate,
@@ -42,7 +43,7 @@ from ssb.train_data import (
     stream_indices,
     teacher_topk_mass,
 )
-from ssb.train_model import StudentBody, attach_lora, build_base, distill_loss_sums, lm_head_weight
+from ssb.train.model import StudentBody, attach_lora, build_base, distill_loss_sums, lm_head_weight
 
 
 @dataclass
@@ -132,17 +133,14 @@ def tensorboard_writer(out_dir: Path):
 def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
     """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``,
     then those of every ``train.extra_runs`` directory (the earlier rounds of ``rounds=R``), in that order."""
-    from transformers import AutoTokenizer
+    from ssb.core.models import load_tokenizer
+    from ssb.store import TeacherStore, build_student_examples
 
-    from ssb.store import TeacherStore, build_student_examples, store_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    tokenizer = load_tokenizer(cfg.model)
     examples: list[Example] = []
-    for d in (run_dir, *(Path(x) for x in cfg.train.extra_runs)):
-        store = TeacherStore(store_dir(d))
-        examples += build_student_examples(store, d / "curate" / "student.jsonl", tokenizer, cfg.train.kd_temperature)
+    for layout in (RunLayout(d) for d in (run_dir, *cfg.train.extra_runs)):
+        store = TeacherStore(layout.store)
+        examples += build_student_examples(store, layout.curate_student, tokenizer, cfg.train.kd_temperature)
     return examples
 
 
@@ -156,7 +154,8 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     """Model, adapters, optimizer, schedule, data and (with ``resume``) the latest checkpoint's state."""
     tc = cfg.train
     rank, world, device = init_distributed()
-    out_dir = run_dir / cfg.train.output_subdir
+    layout = RunLayout(run_dir)
+    out_dir = layout.train(tc.output_subdir)
     if examples is None:
         examples = load_examples(cfg, run_dir)
     check_examples(examples)
@@ -182,7 +181,7 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio, tc.schedule))
 
     start_step = 0
-    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    ckpt = latest_checkpoint(layout.checkpoints(tc.output_subdir)) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank=rank)
         start_step = int(state["step"])
@@ -191,14 +190,13 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
                 f"{ckpt}/state.json: saved with global batch {state['global_batch']}, now {global_batch} "
                 "(batch_size x grad_accum x ranks): the data position would not match; resume with the same batch"
             )
-        if rank == 0 and (out_dir / "metrics.jsonl").is_file():  # drop log lines the resumed run will redo
-            kept = [
-                r for r in read_jsonl(out_dir / "metrics.jsonl", tolerate_partial_tail=True) if r["step"] < start_step
-            ]
-            atomic_write_jsonl(out_dir / "metrics.jsonl", kept)
+        metrics = layout.metrics(tc.output_subdir)
+        if rank == 0 and metrics.is_file():  # drop log lines the resumed run will redo
+            kept = [r for r in read_jsonl(metrics, tolerate_partial_tail=True) if r["step"] < start_step]
+            atomic_write_jsonl(metrics, kept)
     elif rank == 0:  # a fresh run: stale checkpoints and logs of an earlier run would mislead a later --resume
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(layout.checkpoints(tc.output_subdir), ignore_errors=True)
+        layout.metrics(tc.output_subdir).unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
     facts["resumed_from"] = str(ckpt) if ckpt is not None else None
@@ -237,6 +235,7 @@ def train(
     """
     s = setup(cfg, Path(run_dir), resume=resume, examples=examples)
     tc, dev = cfg.train, s.device
+    layout, sub = RunLayout(run_dir), cfg.train.output_subdir
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     trainable = [p for p in s.peft_model.parameters() if p.requires_grad]
     if s.is_main:
@@ -318,7 +317,7 @@ def train(
             "teacher_topk_mass": stats[2] / n,
         }
         if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
-            append_jsonl(s.out_dir / "metrics.jsonl", [record])
+            append_jsonl(layout.metrics(sub), [record])
             if tb is not None:
                 for key, value in record.items():
                     tb.add_scalar(f"train/{key}", value, step)
@@ -329,7 +328,7 @@ def train(
         if tc.save_every > 0 and (step + 1) % tc.save_every == 0:
             barrier = dist.barrier if s.world > 1 else (lambda: None)
             save_checkpoint(
-                s.out_dir / "checkpoints",
+                layout.checkpoints(sub),
                 step + 1,
                 s.peft_model,
                 s.optimizer,
@@ -347,7 +346,7 @@ def train(
         tb.close()
 
     # ---- final adapter (standard PEFT format) + resolved config
-    adapter_dir = s.out_dir / "adapter"
+    adapter_dir = layout.adapter(sub)
     if s.is_main and not stopped:
         s.peft_model.save_pretrained(adapter_dir)
         atomic_write_json(s.out_dir / "train_facts.json", s.facts)
@@ -356,19 +355,16 @@ def train(
     return adapter_dir
 
 
-def run_stage(cfg: SSBConfig, args: argparse.Namespace) -> int:
+def run(cfg: SSBConfig, *, resume: bool = False, dry_run: bool = False) -> int:
     """``ssb train [--resume] [--dry-run]``."""
     run_dir = Path(cfg.run_dir)
-    if getattr(args, "dry_run", False):
-        from ssb.train_dryrun import dry_run
+    if dry_run:
+        from ssb.train.dryrun import dry_run as probe
 
-        return dry_run(cfg, run_dir)
-    adapter = train(cfg, run_dir, resume=bool(getattr(args, "resume", False)))
+        return probe(cfg, run_dir)
+    adapter = train(cfg, run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"ssb train: adapter written to {adapter}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-
-
-__all__ = ["train", "run_stage", "setup"]

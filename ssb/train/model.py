@@ -14,17 +14,8 @@ import torch
 from torch import nn
 
 from ssb.config import ModelConfig, TrainConfig
-from ssb.train_data import Batch
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU training is for tests and the toy model)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"model.dtype: expected auto|float32|bfloat16|float16, got {name!r}")
-    return table[name]
+from ssb.core.models import load_causal_lm, resolve_dtype
+from ssb.train.data import Batch
 
 
 def attn_implementation(requested: str, device: torch.device) -> str:
@@ -96,13 +87,7 @@ def build_base(
         hf_config = AutoConfig.from_pretrained(
             model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path,
-            revision=model_cfg.revision,
-            dtype=dtype,
-            attn_implementation=attn,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        model = load_causal_lm(model_cfg, device, attn_implementation=attn)
     else:
         hf_config = config
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)

@@ -1,0 +1,99 @@
+"""``ssb eval``: base model, adapter or round students on MATH500 / AIME2024 / GSM8K / toy / any JSONL.
+
+:mod:`~ssb.eval.protocols` (named presets), :mod:`~ssb.eval.scoring` (one model, resumable), :mod:`~ssb.eval.stats`
+(pass@k, maj@k, bootstrap CIs, paired tests) and :mod:`~ssb.eval.report` (tables, chart). Layout of ``OUT``
+(default ``RUN_DIR/eval``): ``<label>/results.json`` and ``<label>/partial/`` per evaluated model, plus
+``report.md`` (tables, paired test) and ``chart.png`` (pass@1 with 95% CIs) over all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from ssb.config import SSBConfig
+from ssb.core.files import atomic_write_json
+from ssb.core.layout import RunLayout
+from ssb.eval.protocols import PROTOCOLS, Protocol, resolve_protocol
+from ssb.eval.report import plot_runs, print_compare, write_report
+from ssb.eval.scoring import evaluate
+from ssb.eval.stats import compare, load_results
+
+__all__ = ["PROTOCOLS", "Protocol", "compare", "compare_files", "evaluate", "load_results", "resolve_protocol", "run"]
+
+
+def run(
+    cfg: SSBConfig,
+    *,
+    adapter: str | None = None,
+    out: str | Path | None = None,
+    students: list[tuple[str, Path]] | None = None,
+) -> int:
+    """``ssb eval``: the base model and one adapter (``adapter``, ``eval.adapter`` or ``RUN_DIR/train/adapter``),
+    or, with ``students`` (``(label, merged model dir)``, from ``ssb.run.rounds``), the base and each student."""
+    layout = RunLayout(cfg.run_dir)
+    out = Path(out) if out is not None else layout.eval
+    if students is not None:
+        return _eval_models(cfg, out, students)
+    adapter = adapter or cfg.eval.adapter
+    trained = layout.adapter(cfg.train.output_subdir)
+    if adapter is None and (trained / "adapter_config.json").exists():
+        adapter = str(trained)
+    plan = ([("base", None)] if cfg.eval.include_base or adapter is None else []) + (
+        [("ssb" if adapter == str(trained) else Path(adapter).name, adapter)] if adapter else []
+    )
+    if adapter is not None and cfg.train.qlora:
+        print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
+              "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
+    engine = None
+    if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
+        from ssb.engines import adapter_rank, make_engine
+
+        engine = make_engine(cfg.model, cfg.engine, enable_lora=True, max_lora_rank=adapter_rank(adapter))
+    try:
+        runs = [
+            evaluate(
+                cfg.model,
+                cfg.engine,
+                cfg.eval,
+                out / label,
+                adapter=ad,
+                label=label,
+                engine=engine,
+                grading=cfg.grading.mode,
+            )  # fmt: skip
+            for label, ad in plan
+        ]
+    finally:
+        if engine is not None:
+            engine.close()
+    report, chart = write_report(runs, out)
+    print(report.read_text())
+    print(f"ssb eval: results in {', '.join(str(out / lb / 'results.json') for lb, _ in plan)}; chart {chart}")
+    return 0
+
+
+def _eval_models(cfg: SSBConfig, out: Path, students: list[tuple[str, Path]]) -> int:
+    """The base (``eval.include_base``) and every student (merged weights, one engine each), one report."""
+    models = ([("base", cfg.model)] if cfg.eval.include_base else []) + [
+        (label, dataclasses.replace(cfg.model, name_or_path=str(path))) for label, path in students
+    ]
+    runs = [
+        evaluate(model, cfg.engine, cfg.eval, out / label, label=label, grading=cfg.grading.mode)
+        for label, model in models
+    ]
+    report, chart = write_report(runs, out)
+    print(report.read_text())
+    print(f"ssb eval: results per model in {', '.join(str(out / lb / 'results.json') for lb, _ in models)}")
+    return 0
+
+
+def compare_files(a: str | Path, b: str | Path, out: str | Path | None = None) -> int:
+    """``ssb eval --compare A B``: both tables and the paired test; with ``out``, ``compare.json`` and a chart."""
+    ra, rb = load_results(a), load_results(b)
+    cmp = print_compare(ra, rb)
+    if out is not None:
+        atomic_write_json(Path(out) / "compare.json", cmp)
+        print(f"chart: {plot_runs([ra, rb], Path(out) / 'compare.png')}")
+    return 0

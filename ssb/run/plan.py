@@ -1,0 +1,103 @@
+"""The one stage registry (:data:`STAGES`) and the plan of a run: which stages, in which order, for how many rounds.
+
+A stage is a name, the config sections it reads beyond its upstream (hashed into ``run.json``), and how to run
+it: ``run(cfg, **options)`` with the stage's own typed keyword options (``resume=``, ``adapter=``, ...). The CLI
+builds ``ssb <stage>`` from this list; ``ssb run`` runs it in order with :data:`Stage.pipeline` options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssb.config import SSBConfig
+from ssb.core.layout import RunLayout
+from ssb.run.rounds import ROUND_STAGES, round_config, round_students
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run: its name, the config sections it reads beyond its upstream, and how to run it."""
+
+    name: str
+    sections: tuple[str, ...]
+    run: Callable[..., int]  # run(cfg, **options) -> exit status
+    help: str = ""
+    pipeline: dict[str, Any] = field(default_factory=dict)  # the options ``ssb run`` passes
+
+
+def _rollout(cfg: SSBConfig, **options: Any) -> int:
+    from ssb import rollout
+
+    return rollout.run(cfg, **options)
+
+
+def _curate(cfg: SSBConfig, **options: Any) -> int:
+    from ssb import curate
+
+    return curate.run(cfg, **options)
+
+
+def _capture(cfg: SSBConfig) -> int:
+    from ssb import capture
+
+    return capture.run(cfg)
+
+
+def _train(cfg: SSBConfig, **options: Any) -> int:
+    from ssb import train
+
+    return train.run(cfg, **options)
+
+
+def _eval(cfg: SSBConfig, *, adapter: str | None = None, out: str | Path | None = None) -> int:
+    """Base + the trained adapter; with ``rounds > 1`` (and no other adapter named) base + every round's student."""
+    from ssb import eval as evaluation
+
+    trained = str(RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir))
+    named = adapter or cfg.eval.adapter
+    if cfg.rounds > 1 and named in (None, trained) and Path(trained, "adapter_config.json").exists():
+        return evaluation.run(cfg, out=out, students=round_students(cfg))
+    return evaluation.run(cfg, adapter=adapter, out=out)
+
+
+STAGES: list[Stage] = [
+    Stage("rollout", ("model", "data", "grading", "engine", "rollout"), _rollout,
+          "sample K graded rollouts per problem", {"resume": True}),
+    Stage("curate", ("curate",), _curate,
+          "pick correct/wrong pairs and write hinted robust solutions", {"resume": True}),
+    Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store"),
+    Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True}),
+    Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy"),
+]  # fmt: skip
+STAGE_NAMES = [stage.name for stage in STAGES]
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+def _round_stage(stage: Stage, r: int) -> Stage:
+    def run(cfg: SSBConfig, **options: Any) -> int:
+        return stage.run(round_config(cfg, r, stage.name), **options)
+
+    return Stage(f"{stage.name}@{r}", stage.sections, run, stage.help, stage.pipeline)
+
+
+def expand(plan: list[Stage], rounds: int) -> list[Stage]:
+    """``plan`` with rounds 2..R of its rollout..train stages inserted before its ``eval`` stage (at the end
+    without one). Stage hashes are cumulative, so raising R keeps every finished stage of the earlier rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds: expected >= 1, got {rounds}")
+    if rounds == 1:
+        return plan
+    names = [s.name for s in plan]
+    missing = [n for n in ROUND_STAGES if n not in names]
+    if missing:
+        raise ValueError(f"rounds={rounds} needs the stages {list(ROUND_STAGES)} in the plan; missing {missing}")
+    by_name = {s.name: s for s in plan}
+    extra = [_round_stage(by_name[n], r) for r in range(2, rounds + 1) for n in ROUND_STAGES]
+    cut = names.index("eval") if "eval" in names else len(plan)
+    return [*plan[:cut], *extra, *plan[cut:]]
