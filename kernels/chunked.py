@@ -18,21 +18,28 @@ import torch
 from .options import KDOptions, TopkOptions
 from .reference import derive_lse_t, log1mexp, math_dtype, row_losses_from_logp, student_logp_k
 
-GATHER_ELEMS = 1 << 20  # elements per (rows, k, H) block of gathered head rows W[ids]
+# Elements per (rows, k, H) block of gathered head rows W[ids], by device. On CPU, 2^20 (4 MB in fp32) keeps
+# each block cache-sized. On a GPU every block is a gather plus a bmm launch: at 2^20, k = 64 and H = 2048 a
+# block holds 8 rows, so N = 16k rows take 2,000 gather + bmm pairs, each launch-bound at ~10-15 us (20-30 ms
+# in all, GPU idle between tiny kernels), about what the vocabulary GEMMs of the same step take on an H100 at
+# V = 152k (4 N H V = 20 TFLOP at ~600 TFLOP/s: ~35 ms). Estimates, not measured here (no GPU). 2^25 elements
+# (128 MB in fp32, transient) gives 256 rows per block: 64 pairs, well under 1 ms of launch overhead.
+GATHER_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
-def _row_blocks(n: int, k: int, h: int) -> range:
-    return range(0, n, max(1, GATHER_ELEMS // max(1, k * h)))
+def _row_blocks(n: int, k: int, h: int, device: torch.device) -> range:
+    elems = GATHER_ELEMS.get(device.type, GATHER_ELEMS["cpu"])
+    return range(0, n, max(1, elems // max(1, k * h)))
 
 
 def gathered_logits(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """s_K = h . W[idx] row by row, in row blocks so W[idx] never exceeds GATHER_ELEMS elements.
+    """s_K = h . W[idx] row by row, in row blocks so W[idx] never exceeds GATHER_ELEMS[device] elements.
 
     Shape:
         h (N, H) math dtype, weight (V, H), idx (N, k) long in [0, V) -> (N, k)
     """
     out = h.new_empty(idx.shape)
-    rb = _row_blocks(*idx.shape, h.shape[1]).step
+    rb = _row_blocks(*idx.shape, h.shape[1], h.device).step
     for r in range(0, idx.shape[0], rb):
         wk = weight[idx[r : r + rb]].to(h.dtype)  # (rb, k, H)
         out[r : r + rb] = torch.bmm(wk, h[r : r + rb, :, None])[..., 0]
@@ -42,7 +49,7 @@ def gathered_logits(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) ->
 def sparse_matvec(b: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """sum_j b_j W[idx_j] per row, in row blocks. Shape: b (N, k), weight (V, H), idx (N, k) -> (N, H)."""
     out = b.new_empty(b.shape[0], weight.shape[1])
-    rb = _row_blocks(*idx.shape, weight.shape[1]).step
+    rb = _row_blocks(*idx.shape, weight.shape[1], b.device).step
     for r in range(0, idx.shape[0], rb):
         wk = weight[idx[r : r + rb]].to(b.dtype)  # (rb, k, H)
         out[r : r + rb] = torch.bmm(b[r : r + rb, None, :], wk)[:, 0]
