@@ -200,3 +200,13 @@ def test_config_choices_match_their_owners():
     assert CHOICES["model.dtype"] == DTYPE_NAMES
     for name in DTYPE_NAMES:
         resolve_dtype(name, "cpu")
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists packages explicitly (kernels/ is mapped to ssb_kernels): a new subpackage must be
+    listed, or a wheel install would lack it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {n for n, f in MODULES.items() if f.name == "__init__.py"}
+    assert packages <= listed, f"add to [tool.setuptools] packages: {sorted(packages - listed)}"

@@ -27,6 +27,7 @@ import torch
 
 from ssb.config import SSBConfig, load_config, save_config
 from ssb.core.files import atomic_write_json
+from ssb.core.layout import RunLayout
 
 GRAIN = 256
 PROMPT = 32
@@ -174,7 +175,7 @@ def cpu_report(cfg: SSBConfig, impls: dict[str, str], run_dir: Path) -> dict:
             "a tiny architecture, e.g. train.dry_run_config=model with the toy model (a GPU measures the real one)"
         )
     cap = cfg.train.dry_run_mem_gib
-    cfg_path = save_config(cfg, run_dir / "train", "dry_run_config.yaml")  # the probe children read it
+    cfg_path = save_config(cfg, RunLayout(run_dir).train(), "dry_run_config.yaml")  # the probe children read it
     max_len = min(int(getattr(arch, "max_position_embeddings", 4096)), 16384)
     out = {}
     for name, impl in impls.items():
@@ -214,7 +215,7 @@ def dry_run(cfg: SSBConfig, run_dir: Path) -> int:
             else "CPU: peak RSS of a fresh probe process per length (includes the Python/torch baseline); no GPU"
         ),
     )
-    atomic_write_json(run_dir / "train" / "dry_run.json", report)
+    atomic_write_json(RunLayout(run_dir).train() / "dry_run.json", report)
     mode = "QLoRA" if cfg.train.qlora else "LoRA"
     print(f"ssb train --dry-run on {report['device']} ({cfg.train.dry_run_config}, cap {report['cap_gib']} GiB):")
     for name, r in report["results"].items():
