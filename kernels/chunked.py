@@ -67,52 +67,60 @@ def chunk_k_flat(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> tor
     return (rows * c + local)[inr]
 
 
-def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False):
+def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False, scales=(1.0,)):
     """One pass over the vocabulary with the K columns zeroed: the off-K sums, accumulated directly.
 
-    Returns log_off (N,) = LSE over the columns not in K, l_off (N,) the off-K sum against the running max of
-    the whole row, and, if ``with_pw``, the off-K mean sum_{v not in K} softmax_off(v) W_v (N, H). The full LSE
-    is never needed: log p on K comes from the K logits and log_off (``student_logp_k``). Against the whole
-    row's max the off-K sum underflows once the off-K logits sit ~87 below it; ``off_max=True`` runs the max
-    over off-K columns only (the exact redo for those rows). No 1 - P_K anywhere.
+    For each logit scale c in ``scales`` (one per temperature, c = 1/T, applied to s = h W_c^T; ``h`` may carry
+    the temperature already, then scales = (1,)) returns log_off (N,) = LSE over the columns not in K of c s,
+    l_off (N,) the off-K sum against the running max of the whole row, and, if ``with_pw``, the off-K mean
+    sum_{v not in K} softmax_off(v) W_v (N, H). One GEMM per chunk serves every scale (KD at T and CE at 1
+    share the pass). The full LSE is never needed: log p on K comes from the K logits and log_off
+    (``student_logp_k``). Against the whole row's max the off-K sum underflows once the off-K logits sit ~87
+    below it; ``off_max=True`` runs the max over off-K columns only (the exact redo for those rows). No 1 - P_K.
     """
-    n = h.shape[0]
-    m = h.new_full((n,), float("-inf"))
-    l_off = h.new_zeros(n)
-    acc = h.new_zeros(n, weight.shape[1]) if with_pw else None
+    n, last = h.shape[0], len(scales) - 1
+    m = [h.new_full((n,), float("-inf")) for _ in scales]
+    l_off = [h.new_zeros(n) for _ in scales]
+    acc = [h.new_zeros(n, weight.shape[1]) if with_pw else None for _ in scales]
     for v0 in range(0, weight.shape[0], chunk):
         wc = weight[v0 : v0 + chunk].to(h.dtype)  # (C, H)
-        s = h @ wc.t()  # (N, C): the only chunk-sized buffer
-        flat = chunk_k_flat(idx, valid, v0, s.shape[1])
-        if off_max:
-            s.view(-1).index_fill_(0, flat, float("-inf"))
-        m_new = torch.maximum(m, s.amax(1))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a row with every column excluded so far
-        alpha = torch.exp(m - m_safe)  # rescales what was accumulated against the old max
-        e = s.sub_(m_safe[:, None]).exp_()  # in place: exp(s - m_new)
-        e.view(-1).index_fill_(0, flat, 0.0)  # K columns out: only off-K mass is summed
-        l_off = l_off * alpha + e.sum(1)
-        if acc is not None:
-            acc = torch.addmm(acc * alpha[:, None], e, wc)  # acc * alpha + e_off @ W_c
-        m = m_safe
-    pw = acc / l_off.clamp(min=torch.finfo(l_off.dtype).tiny)[:, None] if acc is not None else None
-    return m + torch.log(l_off), l_off, pw
+        s0 = h @ wc.t()  # (N, C): the only chunk-sized buffer (one more per extra scale)
+        flat = chunk_k_flat(idx, valid, v0, s0.shape[1])
+        for j, c in enumerate(scales):
+            s = (s0 if c == 1.0 else s0.mul_(c)) if j == last else s0 * c
+            if off_max:
+                s.view(-1).index_fill_(0, flat, float("-inf"))
+            m_new = torch.maximum(m[j], s.amax(1))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a row with every column excluded so far
+            alpha = torch.exp(m[j] - m_safe)  # rescales what was accumulated against the old max
+            e = s.sub_(m_safe[:, None]).exp_()  # in place: exp(s - m_new)
+            e.view(-1).index_fill_(0, flat, 0.0)  # K columns out: only off-K mass is summed
+            l_off[j] = l_off[j] * alpha + e.sum(1)
+            if acc[j] is not None:
+                acc[j] = torch.addmm(acc[j] * alpha[:, None], e, wc)  # acc * alpha + e_off @ W_c
+            m[j] = m_safe
+    out = []
+    for j in range(len(scales)):
+        pw = acc[j] / l_off[j].clamp(min=torch.finfo(h.dtype).tiny)[:, None] if with_pw else None
+        out.append((m[j] + torch.log(l_off[j]), l_off[j], pw))
+    return out
 
 
 # below this, the off-K sum taken against the full row max has lost fp32 precision (subnormal) or underflowed
 OFFK_TINY = 1e-30
 
 
-def exact_offk(h, weight, chunk, with_pw, idx, valid):
-    """Off-K LSE and off-K mean head row, with the rows whose off-K sum underflowed redone exactly."""
-    log_off, l_off, pw = stream_offk(h, weight, chunk, with_pw, idx, valid)
-    redo = (l_off < OFFK_TINY).nonzero()[:, 0]
+def exact_offk(h, weight, chunk, with_pw, idx, valid, scales=(1.0,)):
+    """Off-K LSE and off-K mean head row per scale (lists), with rows whose off-K sum underflowed redone exactly."""
+    res = stream_offk(h, weight, chunk, with_pw, idx, valid, scales=scales)
+    redo = torch.stack([l_off < OFFK_TINY for _, l_off, _ in res]).any(0).nonzero()[:, 0]
     if redo.numel():
-        lo, _, pw_r = stream_offk(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True)
-        log_off[redo] = lo
-        if pw is not None:
-            pw[redo] = pw_r
-    return log_off, pw
+        again = stream_offk(h[redo], weight, chunk, with_pw, idx[redo], valid[redo], off_max=True, scales=scales)
+        for (log_off, _, pw), (lo, _, pw_r) in zip(res, again):
+            log_off[redo] = lo
+            if pw is not None:
+                pw[redo] = pw_r
+    return [r[0] for r in res], [r[2] for r in res]
 
 
 def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):
@@ -169,7 +177,7 @@ class _SparseKDChunked(torch.autograd.Function):
         row_valid = valid.any(-1)  # (N,)
         idx = topk_ids.long().clamp(min=0)  # (N, k); padding points at id 0 and is masked by `valid`
         # (N,) off-K LSE, (N, H) off-K mean head row: one streamed pass (plus exact redo rows)
-        log_off, pw = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
+        (log_off,), (pw,) = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
         # (N, k) student log p on K, (N,) its off-K log mass summed directly; both fp64
         lp_k, log_pt = student_logp_k(gathered_logits(h, weight, idx), log_off, valid)
         v = weight.shape[0]
