@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import exact_offk, gathered_logits, kd_coefficients, sparse_matvec
+from .chunked import chunk_k_flat, exact_offk, gathered_logits, kd_coefficients, sparse_matvec
 from .options import KDOptions, check_impl, check_kd_inputs
 from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
 
@@ -120,8 +120,6 @@ class _SparseKDCEChunked(torch.autograd.Function):
 
 def _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, scales, chunk):
     """dW = (dL/dz)^T h, streamed: off U, dL/dz_v = sum over scales of c * exp(s_v * scale - log_off_U)."""
-    from .chunked import chunk_k_flat
-
     dt = h.dtype
     dense = [c.to(dt) for c in dense]
     log_u = [x.to(dt) for x in log_u]
