@@ -148,8 +148,35 @@ def test_a_truncated_reply_is_never_correct_but_keeps_its_answer():
     assert grade(r"\boxed{3} and", "4", finish_reason="length") == Verdict("truncated", "3")
     assert grade("no box yet", "4", finish_reason="length") == Verdict("truncated", None, "no_answer")
     assert not is_correct(r"\boxed{4}", "4", finish_reason="length")
-    with pytest.raises(ValueError, match="grading.mode: expected one of strict"):
-        grade(r"\boxed{4}", "4", mode="flexible")
+    with pytest.raises(ValueError, match="grading.mode: expected one of strict|flexible"):
+        grade(r"\boxed{4}", "4", mode="loose")
+
+
+@pytest.mark.parametrize(
+    ("text", "strict", "flexible"),
+    [
+        ("1 + 2 = 3", None, "3"),  # the weak model's way: right, never boxed
+        ("So 2+5-3 = 4.", None, "4"),  # trailing period is not part of the number
+        ("5-3 leaves 2 or 5-3", None, "3"),  # a minus after a digit is an operator, not a sign
+        ("The answer is -7", None, "-7"),
+        ("He pays $1,080 in all", None, "$1,080"),
+        ("It weighs 2.5 kg.", None, "2.5"),
+        ("no numbers here", None, None),
+        ("first 10, then \\boxed{9}, then 12", "9", "9"),  # a box always decides
+        ("steps 1 2 3\n#### 8", "8", "8"),
+    ],
+)
+def test_flexible_takes_the_box_else_the_last_number(text, strict, flexible):
+    assert extract_answer(text, "strict") == strict
+    assert extract_answer(text, "flexible") == flexible
+
+
+def test_flexible_grading_is_graded_like_strict_once_an_answer_is_found():
+    assert grade("1 + 2 = 3", "3", mode="flexible").correct
+    assert grade("1 + 2 = 3", "3").status == "unparsed"  # strict sees no answer
+    assert grade("1,000 + 80 = 1,080", "1080", mode="flexible").correct  # thousands comma, numeric compare
+    assert grade("so 4 apples", "5", mode="flexible").status == "wrong"
+    assert grade("it is 5 and", "5", mode="flexible", finish_reason="length").status == "truncated"
 
 
 def test_cluster_answers_groups_equivalent_answers_by_their_first_member():

@@ -9,8 +9,12 @@ Such answers, like text without any final answer, grade as ``"unparsed"``.
 
 :func:`grade` is the one verdict every stage uses (rollout, curation, eval): a reply that hit its token limit
 (``finish_reason="length"``) is never correct, whatever its text says, because it never committed to a final
-answer. ``mode`` names how the final answer is found; ``"strict"`` (the last ``\\boxed{}``, else ``####``) is
-the only mode today, and it is recorded with every result that depends on it.
+answer. ``mode`` names how the final answer is found, and is recorded with every result that depends on it:
+
+- ``"strict"`` (default): the last ``\\boxed{}``, else the text after ``####``; no box, no answer.
+- ``"flexible"``: the strict answer when there is one, else the last number of the reply, like lm-eval's GSM8K
+  "flexible-extract". Weak models that compute right but never box (SmolLM2-135M boxes about 1 reply in 50)
+  are visible under it; reports show both, so a student that only learned to box stands out.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ MAX_FACTORIAL = 1_000
 MV_TIMEOUT_S = 2  # math-verify's own signal timeouts, used only on the main thread
 
 Status = Literal["correct", "wrong", "unparsed", "truncated"]
-GRADING_MODES = ("strict",)  # grading.mode (config.py validates against this)
+GRADING_MODES = ("strict", "flexible")  # grading.mode (config.py validates against this)
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,14 @@ def _whole_box(s: str) -> str | None:
     return None
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a model output, or None.
+# 12, -3, $1,080, 2.5; no trailing dot or comma; "5-3" ends in 3, not -3 (a minus after a digit is an operator)
+_LAST_NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def extract_answer(text: str | None, mode: str = "strict") -> str | None:
+    """The final answer of a model output under grading ``mode``, or None.
+
+    ``flexible``: when the text has no box and no ``####`` answer, the last number in the text.
 
     The last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; also ``\\boxed 5``) decides; if it is unbalanced
     or empty the output has no answer (an earlier box is not a fallback: the final one is the claim). Without
@@ -129,7 +139,11 @@ def extract_answer(text: str | None) -> str | None:
     hashes = text.rfind("####")
     if hashes >= 0:
         line = text[hashes + 4 :].split("\n", 1)[0].strip()
-        return line if line and len(line) <= MAX_ANSWER_CHARS else None
+        if line and len(line) <= MAX_ANSWER_CHARS:
+            return line
+    if mode == "flexible":
+        numbers = _LAST_NUMBER_RE.findall(text[-20_000:])  # the tail: a runaway reply is not scanned whole
+        return numbers[-1] if numbers else None
     return None
 
 
@@ -264,7 +278,7 @@ def grade(text: str | None, gold: str, *, finish_reason: str = "stop", mode: str
     """
     if mode not in GRADING_MODES:
         raise ValueError(f"grading.mode: expected one of {'|'.join(GRADING_MODES)}, got {mode!r}")
-    pred = extract_answer(text)
+    pred = extract_answer(text, mode)
     if pred is None:
         status: Status = "unparsed"
         reason = "no_answer"

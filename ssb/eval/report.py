@@ -26,25 +26,32 @@ def _tokens(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _by_mode(agg: dict) -> str:
+    """pass@1 under the strict and the flexible grading mode, whatever mode the protocol graded in."""
+    modes = agg.get("pass@1_by_mode") or {}
+    return " / ".join(_pct(modes[m]["value"]) for m in ("strict", "flexible") if m in modes) or "-"
+
+
 def markdown_table(runs: Sequence[dict]) -> str:
     """One row per (run, benchmark): pass@1 with 95% CI, pass@n, maj@n, lengths, truncation (percentages)."""
     lines = [
-        "| run | benchmark | protocol | problems | n | pass@1 [95% CI] | pass@n | maj@n | "
+        "| run | benchmark | protocol | problems | n | pass@1 [95% CI] | strict / flexible | pass@n | maj@n | "
         "tokens (correct / wrong) | truncated | no answer |",
-        "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|",
+        "|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|",
     ]
     for run in runs:
         for bench, res in run["benchmarks"].items():
             agg = res["aggregates"]
             if not agg.get("n_problems"):
                 lines.append(
-                    f"| {run['label']} | {bench} | {run['protocol']['name']} | 0 | - | - | - | - | - | - | - |"
+                    f"| {run['label']} | {bench} | {run['protocol']['name']} | 0 | - | - | - | - | - | - | - | - |"
                 )
                 continue
             n = str(agg["n_samples"])
             lines.append(
                 f"| {run['label']} | {bench} | {run['protocol']['name']} | {agg['n_problems']} | {n} | "
-                f"{_ci(agg['pass@k']['1'])} | {_pct(agg['pass@k'][n]['value'])} | {_pct(agg['maj@k'][n]['value'])} | "
+                f"{_ci(agg['pass@k']['1'])} | {_by_mode(agg)} | {_pct(agg['pass@k'][n]['value'])} | "
+                f"{_pct(agg['maj@k'][n]['value'])} | "
                 f"{_tokens(agg['mean_tokens_correct'])} / {_tokens(agg['mean_tokens_wrong'])} | "
                 f"{_pct(agg['truncation_rate'])} | {_pct(agg['no_answer_rate'])} |"
             )

@@ -33,15 +33,18 @@ RESULTS_VERSION = 1
 
 def grade_problem(samples: list[tuple[str, str]], gold: str, mode: str = "strict") -> list[dict]:
     """Per ``(text, finish_reason)`` sample: the extracted answer, the verdict (:func:`ssb.core.grading.grade`: a
-    truncated reply is wrong), whether the answer alone was right, and the answer cluster (index of the first
-    equivalent answer; None for no answer or a truncated reply, which do not vote in maj@k)."""
-    from ssb.core.grading import cluster_answers, grade
+    truncated reply is wrong), whether the answer alone was right, the answer cluster (index of the first
+    equivalent answer; None for no answer or a truncated reply, which do not vote in maj@k), and ``by_mode``, the
+    verdict under every grading mode."""
+    from ssb.core.grading import GRADING_MODES, cluster_answers, grade
 
     verdicts = [grade(text, gold, finish_reason=reason, mode=mode) for text, reason in samples]
     clusters = cluster_answers([None if v.status == "truncated" else v.answer for v in verdicts])
+    # every mode's verdict too, so reports show strict and flexible side by side whatever the protocol's mode
+    by_mode = [{m: grade(t, gold, finish_reason=r, mode=m).correct for m in GRADING_MODES} for t, r in samples]
     return [
-        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c}
-        for v, c in zip(verdicts, clusters, strict=True)
+        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c, "by_mode": b}
+        for v, c, b in zip(verdicts, clusters, by_mode, strict=True)
     ]
 
 

@@ -149,9 +149,9 @@ def group_accuracy(records: Sequence[dict], key: str) -> dict[str, dict]:
 def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Every metric of one benchmark run, with 95% bootstrap CIs over problems.
 
-    Returns ``{"n_problems", "n_samples", "pass@k": {k: {"value", "ci"}}, "maj@k": {...}, "by_level",
-    "by_subject", "mean_tokens_correct", "mean_tokens_wrong", "truncation_rate", "truncated_right_answer_rate",
-    "no_answer_rate"}``.
+    Returns ``{"n_problems", "n_samples", "pass@k": {k: {"value", "ci"}}, "maj@k": {...}, "pass@1_by_mode":
+    {mode: {"value", "ci"}} (strict and flexible side by side), "by_level", "by_subject", "mean_tokens_correct",
+    "mean_tokens_wrong", "truncation_rate", "truncated_right_answer_rate", "no_answer_rate"}``.
     """
     if not records:
         return {"n_problems": 0, "n_samples": 0}
@@ -165,6 +165,11 @@ def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> 
         for k in k_values(n):
             vals = per_problem(records, k, metric)
             out[name][str(k)] = {"value": float(vals.mean()), "ci": bootstrap_ci(vals, n_boot=n_boot, seed=seed)}
+    modes = [m for m in records[0]["samples"][0].get("by_mode", {})]  # results written before by_mode have none
+    out["pass@1_by_mode"] = {}
+    for m in modes:
+        vals = np.array([np.mean([s["by_mode"][m] for s in r["samples"]]) for r in records], dtype=np.float64)
+        out["pass@1_by_mode"][m] = {"value": float(vals.mean()), "ci": bootstrap_ci(vals, n_boot=n_boot, seed=seed)}
     out["by_level"] = group_accuracy(records, "level")
     out["by_subject"] = group_accuracy(records, "subject")
     out["by_traps"] = group_accuracy(records, "traps")
