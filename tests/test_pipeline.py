@@ -62,3 +62,43 @@ def test_unknown_from_stage_is_an_error(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="--from 'nope'"):
         run_pipeline(cfg, plan=_plan([]), from_stage="nope")
+
+
+def _write_counts(layout, pairs: int) -> None:
+    layout.rollout.mkdir(parents=True, exist_ok=True)
+    layout.curate.mkdir(parents=True, exist_ok=True)
+    layout.rollout_stats.write_text(json.dumps({
+        "problems": 12, "k": 2,
+        "samples": {"total": 24, "correct": 0, "wrong_answer": 4, "no_answer": 7, "truncated": 13},
+        "problems_by_correct": {"all_correct": 0, "mixed": 0, "none_correct": 12},
+    }))  # fmt: skip
+    layout.curate_stats.write_text(json.dumps({"pairs": pairs, "status_counts": {"no_correct": 12, "kept": pairs}}))
+
+
+@pytest.mark.parametrize("pairs", [0, 3])
+def test_a_run_with_nothing_to_distil_stops_after_curate_and_says_why(tmp_path, pairs):
+    from ssb.core.layout import RunLayout
+    from ssb.run.plan import stage
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    calls: list[str] = []
+    plan = _plan(calls)
+
+    def curate(c):
+        calls.append("curate")
+        _write_counts(RunLayout(tmp_path), pairs)
+
+    plan[1] = Stage("curate", ("curate",), curate, stop_check=stage("curate").stop_check)
+    manifest = run_pipeline(cfg, plan=plan)
+    if pairs:
+        assert calls == ["rollout", "curate", "train"] and manifest["stopped"] is None
+        return
+    assert calls == ["rollout", "curate"]  # train never ran on an empty store
+    reason = json.loads((tmp_path / "run.json").read_text())["stopped"]["reason"]
+    assert manifest["stopped"]["after"] == "curate"
+    for part in ("0 pairs", "12 problems x 2", "12 problems had no correct sample", "7 without an answer",
+                 "13 truncated", "grading.mode=strict"):  # fmt: skip
+        assert part in reason
+    calls.clear()
+    assert run_pipeline(cfg, plan=plan)["stopped"]["after"] == "curate"  # a rerun skips curate and stops again
+    assert calls == []

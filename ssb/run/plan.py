@@ -7,6 +7,7 @@ builds ``ssb <stage>`` from this list; ``ssb run`` runs it in order with :data:`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ class Stage:
     run: Callable[..., int]  # run(cfg, **options) -> exit status
     help: str = ""
     pipeline: dict[str, Any] = field(default_factory=dict)  # the options ``ssb run`` passes
+    # after a successful run: a reason to stop the whole run here (nothing left for later stages), or None
+    stop_check: Callable[[SSBConfig], str | None] | None = None
 
 
 def _rollout(cfg: SSBConfig, **options: Any) -> int:
@@ -38,6 +41,24 @@ def _curate(cfg: SSBConfig, **options: Any) -> int:
     from ssb import curate
 
     return curate.run(cfg, **options)
+
+
+def _nothing_to_distil(cfg: SSBConfig) -> str | None:
+    """After round 1's curate: why there is nothing to distil (0 pairs), from the rollout and curation counts."""
+    layout = RunLayout(cfg.run_dir)
+    cur = json.loads(layout.curate_stats.read_text())
+    if cur["pairs"] > 0:
+        return None
+    roll = json.loads(layout.rollout_stats.read_text())
+    s, by = roll["samples"], roll["problems_by_correct"]
+    curated = {k: v for k, v in cur["status_counts"].items() if v and k not in ("no_correct", "no_wrong")}
+    return (
+        f"0 pairs to distil from {roll['problems']} problems x {roll['k']} samples under grading.mode="
+        f"{cfg.grading.mode}: {by['none_correct']} problems had no correct sample, {by['all_correct']} no wrong one, "
+        f"{by['mixed']} both (curation outcomes {curated or 'none'}); samples: {s['correct']} correct, "
+        f"{s['wrong_answer']} wrong, {s['no_answer']} without an answer, {s['truncated']} truncated. "
+        f"Try grading.mode=flexible, more rollout.max_new_tokens, an easier data.source, or more curate.attempts"
+    )
 
 
 def _capture(cfg: SSBConfig) -> int:
@@ -67,7 +88,7 @@ STAGES: list[Stage] = [
     Stage("rollout", ("model", "data", "grading", "engine", "rollout"), _rollout,
           "sample K graded rollouts per problem", {"resume": True}),
     Stage("curate", ("curate",), _curate,
-          "pick correct/wrong pairs and write hinted robust solutions", {"resume": True}),
+          "pick correct/wrong pairs and write hinted robust solutions", {"resume": True}, _nothing_to_distil),
     Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store"),
     Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True}),
     Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy"),
@@ -83,6 +104,7 @@ def _round_stage(stage: Stage, r: int) -> Stage:
     def run(cfg: SSBConfig, **options: Any) -> int:
         return stage.run(round_config(cfg, r, stage.name), **options)
 
+    # a later round with no new pairs still trains on the earlier rounds' pairs: no stop check
     return Stage(f"{stage.name}@{r}", stage.sections, run, stage.help, stage.pipeline)
 
 

@@ -26,6 +26,9 @@ class StageFailed(RuntimeError):
     """A stage raised or returned non-zero; completed stages stay on disk."""
 
 
+EXIT_STOPPED = 3  # ``ssb run`` stopped early on purpose (nothing to distil): not a failure, not a full run
+
+
 def stage_hashes(cfg: SSBConfig, plan: list[Stage]) -> dict[str, str]:
     """Cumulative config hash per stage: a change upstream invalidates everything downstream."""
     out: dict[str, str] = {}
@@ -80,6 +83,8 @@ def run_pipeline(
         forced = forced or name == from_stage
         if not forced and not stale and rec.get("status") == "done" and rec.get("config_hash") == hashes[name]:
             print(f"[ssb run] {name}: done, inputs unchanged, skipped", file=sys.stderr)
+            if _stopped(cfg, stage, plan, manifest):
+                break
             continue
         stale = True  # everything after a rerun stage reruns too
         rec = {"status": "running", "config_hash": hashes[name], "started": time.time()}
@@ -102,14 +107,36 @@ def run_pipeline(
             ) from e
         rec.update(status="done", seconds=time.perf_counter() - t0, finished=time.time())
         atomic_write_json(RunLayout(run_dir).manifest, manifest)
+        if _stopped(cfg, stage, plan, manifest):
+            break
+    else:
+        manifest["stopped"] = None
+        atomic_write_json(RunLayout(run_dir).manifest, manifest)
     return manifest
+
+
+def _stopped(cfg: SSBConfig, stage: Stage, plan: list[Stage], manifest: dict) -> bool:
+    """Ask ``stage.stop_check``; on a reason, record it in run.json (dropping later stages' records) and say so."""
+    reason = stage.stop_check(cfg) if stage.stop_check else None
+    if reason is None:
+        return False
+    manifest["stopped"] = {"after": stage.name, "reason": reason}
+    for later in plan[plan.index(stage) + 1 :]:  # records of an earlier run's later stages no longer hold
+        manifest["stages"].pop(later.name, None)
+    atomic_write_json(RunLayout(cfg.run_dir).manifest, manifest)
+    print(f"[ssb run] stopped after {stage.name}: {reason}", file=sys.stderr)
+    return True
 
 
 def run(cfg: SSBConfig, *, from_stage: str | None = None) -> int:
     """``ssb run``: all stages; prints where it failed and exits non-zero on failure."""
     try:
-        run_pipeline(cfg, from_stage=from_stage)
+        manifest = run_pipeline(cfg, from_stage=from_stage)
     except StageFailed as e:
         print(f"ssb run: {e}", file=sys.stderr)
         return 1
+    if manifest.get("stopped"):
+        print(f"ssb run: stopped after {manifest['stopped']['after']} (see {RunLayout(cfg.run_dir).manifest})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_STOPPED
     return 0
