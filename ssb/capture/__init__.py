@@ -26,7 +26,7 @@ from ssb.capture.inputs import Item, load_items
 from ssb.config import SSBConfig, config_to_dict, save_config
 from ssb.core.files import sha256_file, sha256_text, weights_stamp
 from ssb.core.layout import RunLayout
-from ssb.core.models import load_tokenizer
+from ssb.core.models import check_model_source, load_tokenizer
 from ssb.core.prompts import DEFAULT_PROMPTS
 from ssb.store import StoreWriter, TeacherStore, chat_template_hash, is_complete, tokenizer_hash
 
@@ -38,7 +38,7 @@ def max_length(cfg: SSBConfig) -> int:
         return int(cfg.engine.max_model_len)
     from transformers import AutoConfig
 
-    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+    mc = AutoConfig.from_pretrained(check_model_source(cfg.model.name_or_path), revision=cfg.model.revision)
     return int(getattr(mc, "max_position_embeddings", 1 << 30))
 
 

@@ -8,11 +8,12 @@ bfloat16 on CUDA and float32 on CPU (CPU runs are tests and the toy model).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssb.core.files import atomic_write_json, sha256_file
+from ssb.core.files import InputError, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +41,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_HUB_ID_RE = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")  # "org/name" or "name", as the hub accepts them
+
+
+def check_model_source(name_or_path: str | Path) -> str:
+    """``name_or_path`` if it is a local model directory or could be a hub id; else an :class:`InputError` that says
+    which it is not (instead of the hub library's message about repo ids)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    looks_local = name.startswith(("/", "./", "../", "~")) or path.exists() or name.count("/") > 1
+    if looks_local or not _HUB_ID_RE.match(name) or ".." in name or "--" in name:
+        what = "a file, not a model directory" if path.is_file() else "neither a local directory nor a valid hub id"
+        raise InputError(f"model.name_or_path: {name!r} is {what} (a hub id looks like 'org/name')")
+    return name
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """The tokenizer of ``model.name_or_path`` (at ``model.revision``)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
-        model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        check_model_source(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
     )
 
 
@@ -55,7 +75,7 @@ def load_causal_lm(model_cfg: ModelConfig, device: torch.device | str, **kwargs)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        model_cfg.name_or_path,
+        check_model_source(model_cfg.name_or_path),
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
         dtype=resolve_dtype(model_cfg.dtype, device),

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ssb.config import EngineConfig, ModelConfig
+from ssb.core.models import check_model_source
 from ssb.core.prompts import end_of_turn_id
 from ssb.engines.types import VLLM_LORA_RANKS, Completion, Sampling, adapter_rank, sample_seeds, split_at_stop
 
@@ -50,7 +51,7 @@ def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
     set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
     try:
         return LLM(
-            model=model_cfg.name_or_path,
+            model=check_model_source(model_cfg.name_or_path),
             tokenizer=model_cfg.name_or_path,
             revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code,

@@ -21,7 +21,7 @@ from ssb.core.layout import RunLayout
 from ssb.core.models import merged_model
 from ssb.run.plan import Stage, stage
 from ssb.run.rounds import ensure_student
-from ssb.run.runner import EXIT_STOPPED, StageFailed, load_manifest, run_pipeline
+from ssb.run.runner import EXIT_STOPPED, load_manifest, run_pipeline
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 SFT = "train_sft"  # train.output_subdir of the SFT control
@@ -212,11 +212,7 @@ def demo(cfg: SSBConfig, *, out: str | Path | None = None, from_stage: str | Non
     """``ssb demo``: run :func:`demo_plan` into ``out`` (default ``cfg.run_dir``), then print the report."""
     if out:
         cfg = dataclasses.replace(cfg, run_dir=str(out))
-    try:
-        manifest = run_pipeline(cfg, from_stage=from_stage, plan=demo_plan())
-    except StageFailed as e:
-        print(f"ssb demo: {e}", file=sys.stderr)
-        return 1
+    manifest = run_pipeline(cfg, from_stage=from_stage, plan=demo_plan())  # StageFailed: the CLI prints it
     if manifest.get("stopped"):
         print(f"ssb demo: stopped after {manifest['stopped']['after']}, no report", file=sys.stderr)
         return EXIT_STOPPED

@@ -129,12 +129,9 @@ def _stopped(cfg: SSBConfig, stage: Stage, plan: list[Stage], manifest: dict) ->
 
 
 def run(cfg: SSBConfig, *, from_stage: str | None = None) -> int:
-    """``ssb run``: all stages; prints where it failed and exits non-zero on failure."""
-    try:
-        manifest = run_pipeline(cfg, from_stage=from_stage)
-    except StageFailed as e:
-        print(f"ssb run: {e}", file=sys.stderr)
-        return 1
+    """``ssb run``: all stages. A failed stage raises :class:`StageFailed` (the CLI prints it in one line); a run
+    stopped on purpose (nothing to distil) returns :data:`EXIT_STOPPED`."""
+    manifest = run_pipeline(cfg, from_stage=from_stage)
     if manifest.get("stopped"):
         print(f"ssb run: stopped after {manifest['stopped']['after']} (see {RunLayout(cfg.run_dir).manifest})",
               file=sys.stderr)  # fmt: skip

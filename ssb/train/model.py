@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ssb.config import ModelConfig, TrainConfig
-from ssb.core.models import load_causal_lm, resolve_dtype
+from ssb.core.models import check_model_source, load_causal_lm, resolve_dtype
 from ssb.train.data import Batch
 
 
@@ -85,7 +85,9 @@ def build_base(
     attn = attn_implementation(train_cfg.attn_implementation, device)
     if config is None:
         hf_config = AutoConfig.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            check_model_source(model_cfg.name_or_path),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
         )
         model = load_causal_lm(model_cfg, device, attn_implementation=attn)
     else:
