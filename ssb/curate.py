@@ -202,7 +202,9 @@ def _generate_batch(
             rec.update(status="prompt_too_long", solution=None)
         else:
             todo.append((rec, conv, p["answer"]))
-    outs = engine.generate([c for _, c, _ in todo], sampling, seed_keys=[r["id"] for r, _, _ in todo])
+    outs = engine.generate(
+        [c for _, c, _ in todo], sampling, seed_keys=[r["id"] for r, _, _ in todo], desc="curate (hinted)"
+    )
     for (rec, _, gold), comps in zip(todo, outs):
         # curate.attempts > 1: the first correct attempt is kept (else the first attempt's verdict stands);
         # every attempt's verdict is recorded, so the hinted teacher's accuracy stays measurable.

@@ -125,7 +125,7 @@ def run_rollouts(
         for b, lo in enumerate(range(start, len(problems), batch), start=start // batch):
             chunk = problems[lo : lo + batch]
             outs = engine.generate(
-                [student_messages(p.question) for p in chunk], sampling, seed_keys=[p.id for p in chunk]
+                [student_messages(p.question) for p in chunk], sampling, seed_keys=[p.id for p in chunk], desc="rollout"
             )
             recs = [
                 grade_sample(p.id, j, p.answer, c, cfg.grading.mode)

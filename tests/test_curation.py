@@ -30,7 +30,7 @@ class ScriptedEngine:
         self.rollouts, self.robust, self.golds = rollouts, robust, golds
         self.calls: list[int] = []
 
-    def generate(self, conversations, sampling: Sampling, *, lora=None, seed_keys=None):
+    def generate(self, conversations, sampling: Sampling, *, lora=None, seed_keys=None, desc="generate"):
         sample_seeds(sampling, len(conversations), seed_keys)  # same validation as the real engines
         self.calls.append(len(conversations))
         out = []
@@ -209,7 +209,7 @@ def test_attempts_keep_the_first_correct_robust_solution():
         def __init__(self, texts):
             self.texts = texts
 
-        def generate(self, conversations, sampling, *, lora=None, seed_keys=None):
+        def generate(self, conversations, sampling, *, lora=None, seed_keys=None, desc="generate"):
             return [[Completion(t, (1,), "stop") for t in self.texts[: sampling.n]] for _ in conversations]
 
     problem = {"id": "p0", "question": "q", "answer": "4"}

@@ -22,7 +22,7 @@ class ScriptedEngine:
         self.loras: list = []
         self.fail_after_calls = fail_after_calls
 
-    def generate(self, conversations, sampling, *, lora=None, seed_keys=None):
+    def generate(self, conversations, sampling, *, lora=None, seed_keys=None, desc="generate"):
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
             raise KeyboardInterrupt("simulated interruption")
         self.calls.append(len(conversations))

@@ -217,7 +217,7 @@ class EchoEngine:
     backend = "echo"
     tokenizer = None
 
-    def generate(self, conversations, sampling, *, lora=None, seed_keys=None):
+    def generate(self, conversations, sampling, *, lora=None, seed_keys=None, desc="generate"):
         import re
 
         from ssb.engines import Completion

@@ -15,7 +15,7 @@ import torch
 from ssb.config import EngineConfig, ModelConfig
 from ssb.core.models import default_device, load_causal_lm, load_tokenizer
 from ssb.core.prompts import end_of_turn_id, prompt_ids
-from ssb.engines.types import Completion, Sampling, sample_seeds, split_at_stop
+from ssb.engines.types import BatchProgress, Completion, Sampling, sample_seeds, split_at_stop
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -34,6 +34,23 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+class StepProgress:
+    """A stopping criterion that never stops anything: it reports each decode step to a :class:`BatchProgress`
+    (sequences still generating, sequences that just emitted their stop token)."""
+
+    def __init__(self, progress: BatchProgress, stop_ids: set[int], rows: int) -> None:
+        self.progress = progress
+        self.stop = torch.tensor(sorted(stop_ids))
+        self.done = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1].cpu()  # (B,) the token this step generated
+        now = ~self.done & torch.isin(last, self.stop)
+        self.progress.step(int((~self.done).sum()), finished=int(now.sum()))
+        self.done |= now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class RowSampler:
@@ -97,6 +114,7 @@ class HFEngine:
         *,
         lora: str | Path | None = None,
         seed_keys: list[str] | None = None,
+        desc: str = "generate",
     ) -> list[list[Completion]]:
         """Sample ``sampling.n`` replies per conversation. Returns ``out[i][j]`` = sample j of conversation i."""
         if not conversations:
@@ -104,18 +122,24 @@ class HFEngine:
         seeds = sample_seeds(sampling, len(conversations), seed_keys)
         use_adapter = self._activate(lora)
         flat: list[Completion] = []
-        for start in range(0, len(conversations), self.batch_size):
-            convs = conversations[start : start + self.batch_size]
-            rows = [(conv, seed) for conv, conv_seeds in zip(convs, seeds[start:]) for seed in conv_seeds]
-            if use_adapter or not self._adapters:
-                flat.extend(self._generate_rows(rows, sampling))
-            else:
-                with self.model.disable_adapter():
-                    flat.extend(self._generate_rows(rows, sampling))
+        progress = BatchProgress(desc, len(conversations) * sampling.n, sampling.max_new_tokens, exact=True)
+        try:
+            for start in range(0, len(conversations), self.batch_size):
+                convs = conversations[start : start + self.batch_size]
+                rows = [(conv, seed) for conv, conv_seeds in zip(convs, seeds[start:]) for seed in conv_seeds]
+                if use_adapter or not self._adapters:
+                    flat.extend(self._generate_rows(rows, sampling, progress))
+                else:
+                    with self.model.disable_adapter():
+                        flat.extend(self._generate_rows(rows, sampling, progress))
+        finally:
+            progress.close()
         return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(conversations))]
 
-    def _generate_rows(self, rows: list[tuple[list[dict], int]], sampling: Sampling) -> list[Completion]:
-        from transformers import GenerationConfig, LogitsProcessorList
+    def _generate_rows(
+        self, rows: list[tuple[list[dict], int]], sampling: Sampling, progress: BatchProgress
+    ) -> list[Completion]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         prompts = [prompt_ids(self.tokenizer, conv) for conv, _ in rows]
         width = max(map(len, prompts))
@@ -131,6 +155,7 @@ class HFEngine:
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             mask[r, width - len(ids) :] = 1
         gens = [torch.Generator(device=device).manual_seed(seed) for _, seed in rows]
+        steps = StepProgress(progress, self.stop_ids, len(rows))
         config = GenerationConfig(
             max_new_tokens=max_new,
             do_sample=False,  # RowSampler did the sampling; greedy just takes its one finite token
@@ -142,7 +167,9 @@ class HFEngine:
             attention_mask=mask.to(device),
             generation_config=config,
             logits_processor=LogitsProcessorList([RowSampler(gens, sampling)]),
+            stopping_criteria=StoppingCriteriaList([steps]),
         )  # (B, P + new)
+        progress.finished(int((~steps.done).sum()))  # rows that ran to max_new_tokens end with the call
         result = []
         for r in range(len(rows)):
             ids, reason = split_at_stop(out[r, width:].tolist(), self.stop_ids)

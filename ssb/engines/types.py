@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -61,6 +63,40 @@ class Completion:
         return len(self.token_ids)
 
 
+class BatchProgress:
+    """Progress inside one generation call, which on a CPU can run for many minutes: finished sequences out of the
+    call's total, decode steps out of ``max_new_tokens``, and generated tokens/s, on a bar named after the stage.
+
+    ``exact`` says whether ``active`` counts only sequences that really decoded this step (HF) or every unfinished
+    request, waiting ones included (vLLM): then the rate is an upper bound and is shown with a "<=".
+    """
+
+    def __init__(self, desc: str, total: int, max_new_tokens: int, *, exact: bool) -> None:
+        from tqdm import tqdm
+
+        self.max_new_tokens, self.exact = max_new_tokens, exact
+        self.steps = self.tokens = 0
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, desc=f"{desc}: sequences", unit="seq", leave=False, file=sys.stderr,
+                        mininterval=2.0, dynamic_ncols=True)  # fmt: skip
+
+    def step(self, active: int, finished: int = 0) -> None:
+        """One decode step in which ``active`` sequences were generating and ``finished`` completed."""
+        self.steps += 1
+        self.tokens += active
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        bound = "" if self.exact else "<="
+        self.bar.set_postfix_str(f"step {self.steps}/{self.max_new_tokens}, {bound}{rate:.0f} tok/s", refresh=False)
+        self.bar.update(finished)
+
+    def finished(self, n: int) -> None:
+        """``n`` sequences completed outside a decode step (they ran to ``max_new_tokens`` with the call)."""
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Engine(Protocol):
     """What stages rely on: a tokenizer, batched chat generation, and ``close()`` to free memory."""
 
@@ -74,6 +110,7 @@ class Engine(Protocol):
         *,
         lora: str | Path | None = None,
         seed_keys: list[str] | None = None,
+        desc: str = "generate",  # names the progress bar (the stage)
     ) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...

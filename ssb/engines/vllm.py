@@ -12,7 +12,15 @@ from pathlib import Path
 from ssb.config import EngineConfig, ModelConfig
 from ssb.core.models import check_model_source
 from ssb.core.prompts import end_of_turn_id
-from ssb.engines.types import VLLM_LORA_RANKS, Completion, Sampling, adapter_rank, sample_seeds, split_at_stop
+from ssb.engines.types import (
+    VLLM_LORA_RANKS,
+    BatchProgress,
+    Completion,
+    Sampling,
+    adapter_rank,
+    sample_seeds,
+    split_at_stop,
+)
 
 GiB = 1 << 30
 
@@ -79,6 +87,27 @@ def release_llm(owner) -> None:
         pass
 
 
+def run_with_progress(llm, request_ids: list[str], progress: BatchProgress) -> list:
+    """Step ``llm``'s engine until the enqueued ``request_ids`` finish, reporting every step (``LLM.chat`` reports
+    only finished requests, so a batch whose replies all run to the token limit showed nothing for its whole
+    length); return their outputs in submission order."""
+    engine = llm.llm_engine
+    finished: dict[str, object] = {}
+    try:
+        while engine.has_unfinished_requests():
+            active = engine.get_num_unfinished_requests()  # running and waiting: the rate is an upper bound
+            done = [out for out in engine.step() if out.finished]
+            finished.update((out.request_id, out) for out in done)
+            progress.step(active, finished=len(done))
+    finally:
+        progress.close()
+    if len(finished) != len(request_ids):
+        raise RuntimeError(f"vLLM finished {len(finished)} of {len(request_ids)} requests")
+    # outputs carry the external ids ("0", "1", ... in submission order), the enqueue call returned internal
+    # ones ("0-<suffix>"): order as LLM.chat does, by the external id
+    return sorted(finished.values(), key=lambda out: int(out.request_id))
+
+
 class VLLMEngine:
     """Wraps one ``vllm.LLM``. ``.llm`` and ``.tokenizer`` are public for callers that need more (capture)."""
 
@@ -135,6 +164,7 @@ class VLLMEngine:
         *,
         lora: str | Path | None = None,
         seed_keys: list[str] | None = None,
+        desc: str = "generate",
     ) -> list[list[Completion]]:
         """Sample ``sampling.n`` replies per conversation. Returns ``out[i][j]`` = sample j of conversation i."""
         from vllm import SamplingParams
@@ -158,9 +188,10 @@ class VLLMEngine:
                         skip_special_tokens=True,
                     )
                 )
-        outputs = self.llm.chat(
+        ids = self.llm.enqueue_chat(
             requests, params, lora_request=self._lora_request(lora), use_tqdm=False, add_generation_prompt=True
         )
+        outputs = run_with_progress(self.llm, ids, BatchProgress(desc, len(ids), sampling.max_new_tokens, exact=False))
         flat = []
         for out in outputs:
             ids, reason = split_at_stop(list(out.outputs[0].token_ids), self.stop_ids)

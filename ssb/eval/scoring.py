@@ -165,7 +165,7 @@ def evaluate_problems(
             convs = [protocol.messages(p.question) for _, p in batch]
             # seeds keyed by problem id: a resumed or re-batched eval draws exactly the same samples
             keys = [f"{spec['benchmark']}/{p.id}" for _, p in batch]
-            outs = engine.generate(convs, sampling, lora=adapter, seed_keys=keys)
+            outs = engine.generate(convs, sampling, lora=adapter, seed_keys=keys, desc=desc)
             if len(outs) != len(batch) or any(len(o) != protocol.n for o in outs):
                 got = [len(o) for o in outs]
                 raise RuntimeError(f"engine returned {got} completions for {len(batch)} prompts x n={protocol.n}")

@@ -76,7 +76,8 @@ def generate_within_budget(engine, conversations: list[list[dict]], sampling, *,
 
     def flush() -> None:
         keys = [str(i) for i in group]  # global index: the same seeds however the calls are split
-        out.extend(engine.generate([conversations[i] for i in group], sampling, lora=lora, seed_keys=keys))
+        convs = [conversations[i] for i in group]
+        out.extend(engine.generate(convs, sampling, lora=lora, seed_keys=keys, desc="toy measure"))
 
     for i, conv in enumerate(conversations):
         cost = len(prompt_ids(engine.tokenizer, conv)) * sampling.n
