@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_qwen import tiny_qwen
+from tiny_qwen import tiny_llama_untied, tiny_qwen
 
 from ssb.config import load_config
 from ssb.train import train
@@ -153,6 +153,26 @@ def test_step0_losses_equal_full_logit_reference(world, tmp_path):
     assert m["kd_loss"] == pytest.approx(kd, rel=1e-5)
     assert m["ce_loss"] == pytest.approx(ce, rel=1e-5)
     assert m["distilled_tokens"] == sum(e.token_ids.numel() for e in batch)
+
+
+def test_untied_llama_head_is_the_real_lm_head(world, tmp_path):
+    """An untied Llama: the trainer distils through ``lm_head.weight``, not the input embedding, so step-0 losses
+    equal the full model's own logits (which a tied-head assumption would get wrong) and training still learns."""
+    model_dir = tmp_path / "llama-untied"
+    tiny_llama_untied(VOCAB, 3, max_positions=256).save_pretrained(model_dir)
+    cfg = make_cfg(model_dir, tmp_path / "run", batch_size=8, max_steps=1, ce_weight=1.0)
+    train(cfg, tmp_path / "run", examples=world["examples"][:8])
+    m = metrics(tmp_path / "run")[0]
+    from ssb.train.data import stream_indices
+
+    batch = [world["examples"][i] for i in stream_indices(8, 0, 8, cfg.train.seed)]
+    kd, ce = oracle_losses(model_dir, batch)
+    assert m["kd_loss"] == pytest.approx(kd, rel=1e-5)
+    assert m["ce_loss"] == pytest.approx(ce, rel=1e-5)
+    cfg = make_cfg(model_dir, tmp_path / "run2", max_steps=20, batch_size=4)
+    train(cfg, tmp_path / "run2", examples=world["examples"])
+    losses = [r["kd_loss"] for r in metrics(tmp_path / "run2")]
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
