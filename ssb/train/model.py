@@ -60,15 +60,23 @@ def quantize_4bit_(model: nn.Module, compute_dtype: torch.dtype, device: torch.d
     return replaced
 
 
-def apply_liger_(model: nn.Module) -> bool:
-    """Liger's RMSNorm/RoPE/SwiGLU kernels for the body when installed (CUDA, Qwen2); their CE stays off."""
-    if importlib.util.find_spec("liger_kernel") is None or getattr(model.config, "model_type", "") != "qwen2":
-        return False
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+# model_type -> Liger's patch function for that architecture (liger_kernel.transformers.apply_liger_kernel_to_*);
+# all take the same rope/rms_norm/swiglu/cross-entropy switches. Other architectures train without Liger.
+LIGER_PATCHES = {"qwen2": "qwen2", "llama": "llama", "mistral": "mistral", "qwen3": "qwen3"}
 
-    apply_liger_kernel_to_qwen2(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
-    )
+
+def apply_liger_(model: nn.Module) -> bool:
+    """Liger's RMSNorm/RoPE/SwiGLU kernels for the body when installed (CUDA; Qwen2, Llama, Mistral, Qwen3); their
+    CE stays off (the loss is ours)."""
+    arch = LIGER_PATCHES.get(getattr(model.config, "model_type", ""))
+    if arch is None or importlib.util.find_spec("liger_kernel") is None:
+        return False
+    import liger_kernel.transformers as liger
+
+    patch = getattr(liger, f"apply_liger_kernel_to_{arch}", None)
+    if patch is None:  # an older Liger without this architecture
+        return False
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     return True
 
 
