@@ -237,3 +237,27 @@ def test_bad_sources_and_arguments(tmp_path):
         load_problems(tmp_path / "missing.jsonl", solution="x")
     with pytest.raises(InputError, match="toy: no split 'dev'"):
         load_problems("toy", "dev")
+
+
+def test_arith_splits_are_deterministic_disjoint_graded_and_right():
+    import re
+
+    from ssb.core import arith
+    from ssb.core.grading import grade
+
+    train, val, test = (load_problems("arith", s) for s in ("train", "val", "test"))
+    assert [len(train), len(val), len(test)] == [arith.SIZES[s] for s in ("train", "val", "test")]
+    q = [{p.question for p in ps} for ps in (train, val, test)]
+    assert not (q[0] & q[1] or q[0] & q[2] or q[1] & q[2])  # no question is in two splits
+    assert [p.question for p in load_problems("arith_val", limit=7)] == [p.question for p in val[:7]]
+    assert [p.meta["level"] for p in test[:10]] == [1, 2, 3, 4, 5] * 2
+    for p in train[:200] + test[:200]:  # the worked solution's arithmetic gives the gold answer
+        steps = re.findall(r"(\d+) ([-+x]) (\d+) = (\d+)", p.meta["solution"])
+        assert steps
+        for a, op, b, c in steps:
+            a, b, c = int(a), int(b), int(c)
+            assert {"+": a + b, "-": a - b, "x": a * b}[op] == c
+        assert int(p.answer) == int(steps[-1][3]) >= 0
+        assert grade(p.meta["solution"], p.answer).correct
+    with pytest.raises(InputError, match="arith: limit 501 is more than the test split's 500"):
+        load_problems("arith", "test", limit=501)

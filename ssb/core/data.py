@@ -5,7 +5,9 @@
 - an alias: ``"gsm8k"`` (openai/gsm8k, config main), ``"math500"`` (HuggingFaceH4/MATH-500), ``"aime2024"``
   (HuggingFaceH4/aime_2024), or ``"toy"`` (the toy world's deterministic splits, generated in memory: train,
   test, and val, the train-split problems after the first 1,000, which rollouts never reach; ``"toy_val"`` is
-  that split as an eval benchmark name, for tuning without touching the test split);
+  that split as an eval benchmark name, for tuning without touching the test split), or ``"arith"``
+  (:mod:`ssb.core.arith`: generated one- and two-step arithmetic word problems in five levels, for small real
+  models; splits train, val and test, ``"arith_val"`` as a benchmark name);
 - a hub name (``"openai/gsm8k"``, any ``owner/name``), loaded with ``datasets.load_dataset``. When the
   environment variable ``SSB_DATASETS_MIRROR`` names a directory holding ``<owner>/<name>/`` (a copy of the hub
   repository: parquet/jsonl files plus its README config), that copy is loaded instead (offline clusters, tests);
@@ -250,6 +252,18 @@ def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
         yield f"toy[{split}] row {i}", f"toy/{split}/{i}", rec, None
 
 
+def _arith_rows(split: str | None, limit: int | None) -> Iterator[Row]:
+    from ssb.core import arith
+
+    split = split or "test"
+    if split not in arith.SIZES:
+        raise InputError(f"arith: no split {split!r} (has {sorted(arith.SIZES)})")
+    if limit is not None and limit > arith.SIZES[split]:
+        raise InputError(f"arith: limit {limit} is more than the {split} split's {arith.SIZES[split]} problems")
+    for i, rec in enumerate(arith.problems(split, limit)):
+        yield f"arith[{split}] row {i}", f"arith/{split}/{i}", rec, None
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 
@@ -268,6 +282,8 @@ def _rows(
         return _toy_rows(split, limit), None, "toy"
     if key == "toy_val":
         return _toy_rows("val", limit), None, "toy"
+    if key in ("arith", "arith_val"):  # generated arithmetic word problems (ssb.core.arith); arith_val for tuning
+        return _arith_rows("val" if key == "arith_val" else split, limit), None, "arith"
     name = key if key in HUB else _BY_PATH.get(key)
     spec = HUB.get(name) if name else None
     path = Path(source).expanduser()
