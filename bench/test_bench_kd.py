@@ -65,6 +65,6 @@ def test_bench_sparse_kd(benchmark, bench_record, quick, shape: KDShape, provide
 
 def _peak_extra_mib(shape: KDShape, provider: str) -> float:
     """Peak RSS growth of one call in a fresh process (bench/peers.py child mode), inputs excluded."""
-    args = ["--one", provider, str(shape.n), str(shape.h), str(shape.v), "--repeats", "0",
-            "--t", str(shape.temperature), "--k", str(shape.k)]  # fmt: skip
+    args = ["--one", provider, str(shape.n), str(shape.h), str(shape.v), "--t", str(shape.temperature),
+            "--k", str(shape.k)]  # fmt: skip
     return run_child(Path(__file__).parent / "peers.py", args, timeout=300)["peak_extra_mib"]
