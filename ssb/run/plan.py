@@ -57,7 +57,8 @@ def _nothing_to_distil(cfg: SSBConfig) -> str | None:
         f"{cfg.grading.mode}: {by['none_correct']} problems had no correct sample, {by['all_correct']} no wrong one, "
         f"{by['mixed']} both (curation outcomes {curated or 'none'}); samples: {s['correct']} correct, "
         f"{s['wrong_answer']} wrong, {s['no_answer']} without an answer, {s['truncated']} truncated. "
-        f"Try grading.mode=flexible, more rollout.max_new_tokens, an easier data.source, or more curate.attempts"
+        f"Try {'grading.mode=flexible, ' if cfg.grading.mode == 'strict' else ''}more rollout.max_new_tokens, "
+        f"an easier data.source, or more curate.attempts"
     )
 
 
