@@ -168,31 +168,26 @@ class LossSums:
 def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, train_cfg: TrainConfig) -> LossSums:
     """Sum over the batch's distilled rows of the KD loss (T^2-scaled, SPEC section 3) and of the CE loss.
 
-    CE is computed as a sparse KD against a one-hot teacher (k = 1, log-prob 0, T = 1, c_1 = 0): with the
-    ``tail`` variant that is exactly ``-log p(token)``, through the same fused kernel, so no logits are
-    materialised for it either. A term whose weight is 0 is not computed (returns 0).
+    CE is the label cross-entropy at T = 1. With both weights above zero, KD and CE come out of ONE pass over the
+    LM head (``ssb_kernels.sparse_kd_ce_loss``, SPEC section 7); alone, CE is a sparse KD against a one-hot
+    teacher (k = 1, log-prob 0, T = 1, c_1 = 0), which with the ``tail`` variant is exactly ``-log p(token)``.
+    Either way no logits are materialised. A term whose weight is 0 is not computed (returns 0).
 
     Shape:
         hidden (B, L, H); weight (V, H); batch.rows (N,) -> scalars
     """
-    from ssb_kernels import sparse_kd_loss
+    from ssb_kernels import sparse_kd_ce_loss, sparse_kd_loss
 
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H)
     zero = h.new_zeros((), dtype=torch.float32)
     kd = ce = zero
-    if train_cfg.kd_weight != 0:
-        kd = sparse_kd_loss(
-            h,
-            weight,
-            batch.topk_ids,
-            batch.topk_logprobs,
-            lse_t=batch.lse_t,
-            temperature=train_cfg.kd_temperature,
-            variant=train_cfg.variant,
-            reduction="sum",
-            impl=train_cfg.loss_impl,
-        )
-    if train_cfg.ce_weight != 0:
+    kd_args = dict(lse_t=batch.lse_t, temperature=train_cfg.kd_temperature, variant=train_cfg.variant,
+                   reduction="sum", impl=train_cfg.loss_impl)  # fmt: skip
+    if train_cfg.kd_weight != 0 and train_cfg.ce_weight != 0:
+        kd, ce = sparse_kd_ce_loss(h, weight, batch.topk_ids, batch.topk_logprobs, batch.token_ids.long(), **kd_args)
+    elif train_cfg.kd_weight != 0:
+        kd = sparse_kd_loss(h, weight, batch.topk_ids, batch.topk_logprobs, **kd_args)
+    elif train_cfg.ce_weight != 0:
         ce = sparse_kd_loss(
             h,
             weight,
