@@ -68,8 +68,8 @@ class _FirstOnly(logging.Filter):
 
 
 def quiet_repeated_logs() -> None:
-    """Install :class:`_FirstOnly` on the handlers of vLLM's logger (its child loggers log through them)."""
-    for handler in logging.getLogger("vllm").handlers:
+    """Install :class:`_FirstOnly` on the handlers vLLM's log lines reach (its own, else the root's)."""
+    for handler in logging.getLogger("vllm").handlers or logging.getLogger().handlers:
         if not any(isinstance(f, _FirstOnly) for f in handler.filters):
             handler.addFilter(_FirstOnly())
 
@@ -95,6 +95,7 @@ def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
         )
     finally:
         torch.set_num_threads = set_threads
+        quiet_repeated_logs()  # vLLM may attach its handlers only while the engine starts
 
 
 def release_llm(owner) -> None:
