@@ -58,11 +58,13 @@ def _problems(path):
 
 
 def _over(run, model, data):
-    return [f"run_dir={run}", f"model.name_or_path={model}", f"data.source={data}", "data.limit=null",
-            "engine.backend=hf", "rollout.k=2", "rollout.max_new_tokens=64", "engine.batch_size=8",
-            "curate.target_pairs=2", "curate.max_new_tokens=96", "capture.k=8", "train.max_steps=3", "train.batch_size=2", "train.lora_r=4",
-            f"eval.benchmarks=[{data}]", "eval.limit=2", "eval.n=1", "eval.max_new_tokens=48",
-            "eval.grader_workers=0"]  # fmt: skip
+    return [
+        f"run_dir={run}", f"model.name_or_path={model}", f"data.source={data}", "data.limit=null",
+        "engine.backend=hf", "rollout.k=2", "rollout.max_new_tokens=64", "engine.batch_size=8",
+        "curate.target_pairs=2", "curate.max_new_tokens=96", "capture.k=8",
+        "train.max_steps=3", "train.batch_size=2", "train.lora_r=4",
+        f"eval.benchmarks=[{data}]", "eval.limit=2", "eval.n=1", "eval.max_new_tokens=48", "eval.grader_workers=0",
+    ]  # fmt: skip
 
 
 def test_rollout_and_curate_run_on_the_real_model(smollm2_dir, tmp_path):
