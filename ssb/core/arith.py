@@ -2,7 +2,7 @@
 
 For small real models (SmolLM2-135M-Instruct solves about 1 GSM8K problem in 100, by the last number of its
 reply) that still need problems they solve part of the time, so that rollouts have both outcomes. Five levels,
-drawn in equal shares:
+taken in turn (a question already drawn is skipped, so the shares are near, not exactly, equal):
 
 1. single-digit addition ("has 3 ..., gets 4 more"),
 2. subtraction below 20 ("gives away"),
