@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = e.__cause__ if isinstance(e, StageFailed) and e.__cause__ is not None else e
         if isinstance(cause, _user_errors()):
             kind = "config error" if isinstance(cause, ConfigError) else "error"
-            where = f" in {str(e).split(':', 1)[0].removeprefix('stage ')}" if cause is not e else ""
+            where = f" in stage {e.stage}" if cause is not e else ""
             print(f"ssb {args.stage}: {kind}{where}: {cause} (--debug for the traceback)", file=sys.stderr)
             return EXIT_USER_ERROR
         if isinstance(e, StageFailed):  # a stage's own failure: its traceback is in run.json

@@ -23,7 +23,11 @@ from ssb.run.plan import STAGES, Stage, expand
 
 
 class StageFailed(RuntimeError):
-    """A stage raised or returned non-zero; completed stages stay on disk."""
+    """A stage raised or returned non-zero; completed stages stay on disk. ``stage`` names it."""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 EXIT_STOPPED = 3  # ``ssb run`` stopped early on purpose (nothing to distil): not a failure, not a full run
@@ -95,7 +99,7 @@ def run_pipeline(
         try:
             rc = stage.run(cfg, **stage.pipeline)
             if rc:
-                raise StageFailed(f"stage {name} exited with status {rc}")
+                raise StageFailed(f"stage {name} exited with status {rc}", name)
         except BaseException as e:
             rec.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
             rec["traceback"] = traceback.format_exc(limit=8)
@@ -103,7 +107,7 @@ def run_pipeline(
             if isinstance(e, KeyboardInterrupt | StageFailed):
                 raise
             raise StageFailed(
-                f"stage {name} failed: {type(e).__name__}: {e} (details in {RunLayout(run_dir).manifest})"
+                f"stage {name} failed: {type(e).__name__}: {e} (details in {RunLayout(run_dir).manifest})", name
             ) from e
         rec.update(status="done", seconds=time.perf_counter() - t0, finished=time.time())
         atomic_write_json(RunLayout(run_dir).manifest, manifest)
