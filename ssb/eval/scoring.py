@@ -38,14 +38,17 @@ def grade_problem(samples: list[tuple[str, str]], gold: str, mode: str = "strict
     verdict under every grading mode."""
     from ssb.core.grading import GRADING_MODES, cluster_answers, grade
 
-    verdicts = [grade(text, gold, finish_reason=reason, mode=mode) for text, reason in samples]
+    # every mode's verdicts (each sample graded once per mode), so reports show strict and flexible side by side
+    # whatever the protocol's mode; the protocol's own mode gives the sample's verdict
+    modes = dict.fromkeys((mode, *GRADING_MODES))  # the protocol's first: an unknown mode raises grade's error
+    graded = {m: [grade(t, gold, finish_reason=r, mode=m) for t, r in samples] for m in modes}
+    verdicts = graded[mode]
     clusters = cluster_answers([None if v.status == "truncated" else v.answer for v in verdicts])
-    # every mode's verdict too, so reports show strict and flexible side by side whatever the protocol's mode
-    by_mode = [{m: grade(t, gold, finish_reason=r, mode=m).correct for m in GRADING_MODES} for t, r in samples]
     return [
-        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c, "by_mode": b}
-        for v, c, b in zip(verdicts, clusters, by_mode, strict=True)
-    ]
+        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c,
+         "by_mode": {m: graded[m][i].correct for m in GRADING_MODES}}
+        for i, (v, c) in enumerate(zip(verdicts, clusters, strict=True))
+    ]  # fmt: skip
 
 
 def grade_batch(items: list[tuple[list[tuple[str, str]], str]], mode: str = "strict") -> list[list[dict]]:
