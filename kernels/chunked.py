@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from .options import KDOptions, TopkOptions
-from .reference import derive_lse_t, log1mexp, math_dtype, row_losses_from_logp, student_logp_k
+from .reference import (
+    derive_lse_t,
+    divergence_coefficients,
+    log1mexp,
+    math_dtype,
+    row_losses_from_logp,
+    student_logp_k,
+)
 
 # Elements per (rows, k, H) block of gathered head rows W[ids], by device. On CPU, 2^20 (4 MB in fp32) keeps
 # each block cache-sized. On a GPU every block is a gather plus a bmm launch: at 2^20, k = 64 and H = 2048 a
@@ -123,17 +130,20 @@ def exact_offk(h, weight, chunk, with_pw, idx, valid, scales=(1.0,)):
     return [r[0] for r in res], [r[2] for r in res]
 
 
-def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt):
+def kd_coefficients(lp_k, logq, valid, variant, vocab_size, log_pt, divergence="forward_kl", beta=0.5):
     """SPEC section 2 gradient wrt z/T as g = a * (p_v / p_t) off K plus b on K, cancellation-free, in fp64.
 
     tail: g = p (1 - q_t / p_t) off K and p - q on K, so a = p_t - q_t and b = p_K - q_K.
     renorm: g = p off K and p - qn on K, so a = p_t and b = p_K - qn_K.
+    reverse_kl / jsd: ``divergence_coefficients`` (same shape).
     The dense term is then a * (off-K mean of W), never (1 - r) p + r p_K, which cancels when r = q_t / p_t is
     large (a confident student).
 
     Shape:
         lp_k (N, k) student log p on K, logq (N, k), valid (N, k), log_pt (N,) -> a (N,), b (N, k) fp64
     """
+    if divergence != "forward_kl":
+        return divergence_coefficients(lp_k, logq, valid, vocab_size, log_pt, divergence, beta)
     lp_k, logq, log_pt = lp_k.double(), logq.double(), log_pt.double()
     ninf = torch.full_like(logq, float("-inf"))
     log_qk = torch.logsumexp(torch.where(valid, logq, ninf), -1)  # (N,)
@@ -183,10 +193,10 @@ class _SparseKDChunked(torch.autograd.Function):
         v = weight.shape[0]
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
         logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) teacher math in fp64
-        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
+        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)
         loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
         n_valid = int(row_valid.sum())
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt)  # fp64
+        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)  # fp64
         a = torch.where(row_valid, a, torch.zeros_like(a))
         ctx.opts, ctx.n_valid, ctx.in_dtypes = opts, n_valid, (hidden.dtype, weight.dtype)
         ctx.save_for_backward(h if need_dw else None, weight, idx, valid, a, b, log_off, pw)

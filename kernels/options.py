@@ -12,6 +12,7 @@ import torch
 
 IMPLS = ("auto", "eager", "chunked", "triton")
 VARIANTS = ("tail", "renorm")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -23,6 +24,8 @@ class KDOptions:
     variant: str = "tail"  # "tail" | "renorm"
     reduction: str = "mean"  # "mean" | "sum" | "none"
     chunk_size: int = 4096  # vocabulary columns per streamed chunk (chunked path)
+    divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "jsd" (SPEC section 2b)
+    beta: float = 0.5  # jsd only: m = beta q + (1 - beta) p, strictly inside (0, 1)
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -34,6 +37,13 @@ class KDOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.variant == "renorm" and self.divergence != "forward_kl":
+            raise ValueError(f"variant 'renorm' is defined for forward_kl only, not {self.divergence!r}: use 'tail'")
+        b = self.beta
+        if not isinstance(b, (int, float)) or not 0.0 < b < 1.0:
+            raise ValueError(f"beta must be a float strictly between 0 and 1, got {b!r}")
 
 
 @dataclass(frozen=True)

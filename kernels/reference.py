@@ -7,6 +7,8 @@ plain autograd, so they check the hand-derived gradients of the chunked and Trit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .options import KDOptions, TopkOptions
@@ -48,6 +50,74 @@ def derive_lse_t(
     return torch.logsumexp(torch.cat([l, log_tail[:, None]], -1) / temperature, -1)
 
 
+# Reverse KL's tail term p_t log(p_t / q_t) is infinite when the stored teacher leaves no tail mass at all (q_t
+# computes to exactly 0 in fp64 while K does not cover the vocabulary) and the student keeps p_t > 0. That
+# happens with real stores: capture writes fp32 log-probs l = z - LSE(z), and once a confident teacher's tail is
+# below the fp32 spacing of its logits (~1e-6 relative) the top log-prob rounds to 0 and the K mass to 1. Such a
+# q_t is "too small for the store to resolve", not 0, so reverse KL uses q_t = QT_FLOOR there (2^-24, the fp32
+# unit roundoff): the tail term is then a lower bound of the true one, and the gradient still pushes p_t down.
+# Only exact zeros are floored; any q_t > 0 the store resolves (1e-8, 1e-30) is used as is. Forward KL and JSD
+# are finite at q_t = 0 (0 log 0 = 0; m_t = (1 - beta) p_t > 0) and use no floor.
+QT_FLOOR = 2.0**-24
+
+
+def _outcomes(lp_k, logq, valid, vocab_size, log_pt, floor_qt: bool):
+    """The SPEC's outcomes as (N, k + 1) columns: the K ids, then the tail (column k). Returns log p, log q (fp64)
+    and which entries are outcomes: valid K ids, and the tail unless K covers the vocabulary. Entries that are
+    not outcomes hold 0 (safe for autograd)."""
+    lp_k, logq, log_pt = lp_k.double(), logq.double(), log_pt.double()
+    log_qt = log1mexp(torch.logsumexp(torch.where(valid, logq, float("-inf")), -1))  # (N,)
+    has_tail = valid.sum(-1) < vocab_size
+    if floor_qt:
+        log_qt = torch.where(has_tail & (log_qt == float("-inf")), math.log(QT_FLOOR), log_qt)
+    ok = torch.cat([valid, has_tail[:, None]], 1)
+    lp = torch.where(ok, torch.cat([lp_k, log_pt[:, None]], 1), 0.0)
+    lq = torch.where(ok, torch.cat([logq, log_qt[:, None]], 1), 0.0)
+    return lp, lq, ok
+
+
+def _div_terms(lp, lq, ok, divergence: str, beta: float):
+    """Per-outcome loss terms (N, k + 1) of reverse KL or JSD, and (r, s) such that dL/dp_o = s (r_o + const)."""
+    p = torch.where(ok, lp.exp(), 0.0)
+    if divergence == "reverse_kl":  # sum_o p_o log(p_o / q_o); dL/dp_o = log(p_o / q_o) + 1
+        r = torch.where(ok, lp - lq, 0.0)
+        return p * r, r, 1.0
+    # jsd: beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p; dL/dp_o = (1 - beta) log(p_o / m_o)
+    lq_ok = ok & (lq > float("-inf"))
+    lm = torch.logaddexp(math.log(beta) + torch.where(lq_ok, lq, 0.0), math.log1p(-beta) + lp)
+    lm = torch.where(lq_ok, lm, math.log1p(-beta) + lp)  # q_o = 0: m_o = (1 - beta) p_o
+    r = torch.where(ok, lp - lm, 0.0)
+    q = torch.where(lq_ok, lq.exp(), 0.0)
+    return beta * q * torch.where(lq_ok, lq - lm, 0.0) + (1 - beta) * p * r, r, 1.0 - beta
+
+
+def divergence_row_loss(lp_k, logq, valid, vocab_size, log_pt, divergence: str, beta: float) -> torch.Tensor:
+    """Per-row reverse KL or JSD over the SPEC's outcomes (K ids plus the tail), fp64 (N,)."""
+    lp, lq, ok = _outcomes(lp_k, logq, valid, vocab_size, log_pt, divergence == "reverse_kl")
+    return _div_terms(lp, lq, ok, divergence, beta)[0].sum(-1)
+
+
+def divergence_coefficients(lp_k, logq, valid, vocab_size, log_pt, divergence: str, beta: float):
+    """Gradient of reverse KL / JSD wrt z/T in the SPEC's shape g = a (p_v / p_t) off K + b on K, in fp64.
+
+    With dL/dp_o = s (r_o + const) and p_o the mass of outcome o, the chain rule through the softmax gives
+    c_o = s p_o (r_o - sum_o' p_o' r_o') per outcome; a = c_tail, b = c_K. The outcome with the largest p takes
+    -sum of the others instead (the c_o sum to 0): for a confident student r_top - sum p r is a difference of
+    two nearly equal numbers, while each other c_o is a product of accurate factors.
+
+    Shape:
+        lp_k (N, k), logq (N, k), valid (N, k), log_pt (N,) -> a (N,), b (N, k) fp64
+    """
+    lp, lq, ok = _outcomes(lp_k, logq, valid, vocab_size, log_pt, divergence == "reverse_kl")
+    _, r, s = _div_terms(lp, lq, ok, divergence, beta)
+    p = torch.where(ok, lp.exp(), 0.0)
+    c = torch.where(ok, p * (r - (p * r).sum(-1, keepdim=True)), 0.0) * s
+    top = torch.where(ok, lp, float("-inf")).argmax(-1, keepdim=True)
+    c = c.scatter(1, top, -c.scatter(1, top, 0.0).sum(-1, keepdim=True))
+    c = torch.where(ok, c, 0.0)
+    return c[:, -1], c[:, :-1]
+
+
 def row_losses_from_logp(
     lp_k: torch.Tensor,
     logq: torch.Tensor,
@@ -55,6 +125,8 @@ def row_losses_from_logp(
     variant: str,
     vocab_size: int,
     log_pt: torch.Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Per-row SPEC section 2 loss from the student's log p on K and the teacher's log q on K.
 
@@ -62,11 +134,14 @@ def row_losses_from_logp(
     1 - P_K: once p_t is below the fp32 resolution of P_K that difference rounds to 0 and the loss to inf).
     The (N, k) row math runs in float64 (it is tiny next to the GEMMs); the result has lp_k's dtype.
     When K covers the whole vocabulary, q_t = p_t = 0 exactly (their computed values are rounding residue).
+    ``divergence`` "reverse_kl" / "jsd" (tail variant only) go to ``divergence_row_loss``.
 
     Shape:
         lp_k (N, k), logq (N, k), valid (N, k) bool, log_pt (N,) -> (N,)
     """
     out_dt = lp_k.dtype
+    if divergence != "forward_kl":
+        return divergence_row_loss(lp_k, logq, valid, vocab_size, log_pt, divergence, beta).to(out_dt)
     lp_k, logq = lp_k.double(), logq.double()
     ninf = torch.full_like(logq, float("-inf"))
     logq_m = torch.where(valid, logq, ninf)
@@ -152,7 +227,7 @@ def sparse_kd_eager(
     lp_k, log_pt = student_logp_k(z.gather(1, topk_ids.long().clamp(min=0)), log_off, valid)  # fp64
     c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
     logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) log q_j = l_j / T - c_T, teacher math in fp64
-    loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt)
+    loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)
     return reduce_rows(loss, valid.any(-1), opts)
 
 

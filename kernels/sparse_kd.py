@@ -19,20 +19,26 @@ def sparse_kd_loss(
     variant: str = "tail",
     reduction: str = "mean",
     impl: str = "auto",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Sparse top-k distillation loss of the student logits ``hidden @ weight.T`` (never materialised
     except by ``impl="eager"``) against teacher log-probs on up to k ids per row.
 
     ``variant``: "tail" (teacher tail mass kept as one outcome) or "renorm"; ``reduction``: "mean" over
-    valid rows, "sum", or "none"; all T^2-scaled. ``lse_t`` is the teacher's c_T (None: derived from the
-    top-k, SPEC section 1). ``impl``: "auto" (Triton on CUDA, chunked on CPU), "eager", "chunked", "triton".
+    valid rows, "sum", or "none"; all T^2-scaled. ``divergence``: "forward_kl" KL(q || p), "reverse_kl"
+    KL(p || q) or "jsd" (``beta`` KL(q || m) + (1 - ``beta``) KL(p || m), m = ``beta`` q + (1 - ``beta``) p),
+    over the K ids plus the tail as one outcome (SPEC section 2b; reverse_kl and jsd need ``variant="tail"``).
+    ``lse_t`` is the teacher's c_T (None: derived from the top-k, SPEC section 1). ``impl``: "auto" (Triton on
+    CUDA, chunked on CPU), "eager", "chunked", "triton".
     Gradients flow to ``hidden``, and to ``weight`` only when it requires grad.
 
     Shape:
         hidden (N, H), weight (V, H), topk_ids (N, k) int32/int64 with -1 padding, topk_logprobs (N, k),
         lse_t (N,), mask (N,) bool -> () for mean/sum, (N,) for none; fp32 (fp64 if an input is fp64)
     """
-    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction)
+    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence,
+                     beta=beta)  # fmt: skip
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     impl = check_impl(impl, hidden.device, hidden.dtype)

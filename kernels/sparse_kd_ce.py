@@ -66,9 +66,9 @@ class _SparseKDCEChunked(torch.autograd.Function):
         lp_k, log_pt = student_logp_k(s_u[:, :k] / T, log_off_k, valid)
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
         logq = topk_logprobs.double() / T - c.double()[:, None]
-        kd, kd_red = _reduce(row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt), row_valid,
-                             opts.reduction, T**2)  # fmt: skip
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt)
+        div = (opts.variant, v, log_pt, opts.divergence, opts.beta)
+        kd, kd_red = _reduce(row_losses_from_logp(lp_k, logq, valid, *div), row_valid, opts.reduction, T**2)
+        a, b = kd_coefficients(lp_k, logq, valid, *div)
         a = torch.where(row_valid, a, 0.0)
         # CE at 1: off label = off U plus the valid K ids other than the label
         other_k = torch.where(valid & (idx != lab[:, None]), s_u[:, :k], ninf)
@@ -149,6 +149,8 @@ def sparse_kd_ce_loss(
     variant: str = "tail",
     reduction: str = "mean",
     impl: str = "auto",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd, ce): ``sparse_kd_loss`` of the same arguments and the cross-entropy -log softmax(hidden @ weight.T)
     [label] at T = 1, with the same ``reduction`` (mean over the rows with a valid label), from one pass over
@@ -160,7 +162,8 @@ def sparse_kd_ce_loss(
     """
     from .sparse_kd import sparse_kd_loss
 
-    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction)
+    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence,
+                     beta=beta)  # fmt: skip
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     impl = check_impl(impl, hidden.device, hidden.dtype)
@@ -175,7 +178,7 @@ def sparse_kd_ce_loss(
     if impl == "chunked":
         return _SparseKDCEChunked.apply(hidden, weight, topk_ids, topk_logprobs, labels, lse_t, mask, opts)
     kd = sparse_kd_loss(hidden, weight, topk_ids, topk_logprobs, lse_t=lse_t, mask=mask, temperature=temperature,
-                        variant=variant, reduction=reduction, impl=impl)  # fmt: skip
+                        variant=variant, reduction=reduction, impl=impl, divergence=divergence, beta=beta)  # fmt: skip
     ce = sparse_kd_loss(hidden, weight, labels[:, None], torch.zeros(n, 1, device=hidden.device),
                         lse_t=torch.zeros(n, device=hidden.device), mask=mask, temperature=1.0, variant="tail",
                         reduction=reduction, impl=impl)  # fmt: skip

@@ -277,9 +277,9 @@ class _SparseKDTriton(torch.autograd.Function):
         lp_k, log_pt = student_logp_k(gathered_logits(h.float() / T, w, idx), log_off, valid)
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
         logq = topk_logprobs.double() / T - c.double()[:, None]
-        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt).float()
+        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta).float()
         loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt)  # fp64
+        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)  # fp64
         a = torch.where(row_valid, a, torch.zeros_like(a))
         ctx.opts, ctx.n_valid, ctx.prec = opts, int(row_valid.sum()), prec
         ctx.in_dtypes = (hidden.dtype, weight.dtype)

@@ -26,6 +26,7 @@ class Case:
     student_scale: float = 1.0  # multiplies hidden (large = far from teacher, tail ratio large)
     lse_given: bool = True
     weight_grad: bool = False
+    divergence: str = "forward_kl"
 
 
 CASES = [
@@ -41,6 +42,11 @@ CASES = [
     Case("renorm-none-masked", variant="renorm", reduction="none", mask_frac=0.2, pad=1),
     Case("weight-grad", weight_grad=True, temperature=2.0, mask_frac=0.2),
     Case("weight-grad-renorm", weight_grad=True, variant="renorm", pad=2),
+    Case("reverse-T2-masked-pad", temperature=2.0, mask_frac=0.2, pad=2, divergence="reverse_kl"),
+    Case("reverse-peaked-kV", v=64, k=64, h=16, teacher_scale=12.0, divergence="reverse_kl", reduction="sum"),
+    Case("reverse-far-wgrad", student_scale=8.0, weight_grad=True, divergence="reverse_kl", lse_given=False),
+    Case("jsd-T2-none-pad", temperature=2.0, reduction="none", pad=3, divergence="jsd"),
+    Case("jsd-peaked-wgrad", teacher_scale=12.0, k=16, weight_grad=True, divergence="jsd", mask_frac=0.2),
 ]
 
 
@@ -68,8 +74,9 @@ def make_case(case: Case, dtype: torch.dtype, seed: int = 0) -> dict:
     }
 
 
-def opts_of(case: Case) -> KDOptions:
-    return KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction)
+def opts_of(case: Case, **kw) -> KDOptions:
+    return KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction,
+                     divergence=case.divergence, **kw)  # fmt: skip
 
 
 def loss_and_grads(fn, x: dict, case: Case, dtype: torch.dtype) -> dict:
@@ -120,6 +127,16 @@ def assert_oracle(case: Case, x: dict, fn, dtype: torch.dtype, eps: float = 1e-5
 
 # ---- the regimes real models produce (issue 14): shared by tests/test_kernels_regimes.py and the Triton tests
 RTOL = 1e-4  # the issue's target for fp32 on CPU, loss and dh
+
+
+LOSSES = ["tail", "renorm", "reverse_kl", "jsd"]  # forward KL's two variants, then the other divergences (tail)
+
+
+def regime_opts(temperature, loss, reduction, **kw) -> KDOptions:
+    """KDOptions for a name in LOSSES: "tail" / "renorm" are forward KL, the others use the tail variant."""
+    if loss in ("tail", "renorm"):
+        return KDOptions(temperature, loss, reduction, **kw)
+    return KDOptions(temperature, "tail", reduction, divergence=loss, **kw)
 
 
 def make_regime(n, h, v, k, lead, tail, temperature, seed):

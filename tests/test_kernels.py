@@ -14,11 +14,12 @@ from ssb_kernels.reference import topk_logprobs_eager
 
 def chunked_fn(case: Case, chunk: int = 97):
     """The chunked path with a small odd chunk so every case crosses many chunk boundaries."""
-    o = KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction, chunk_size=chunk)
+    o = opts_of(case, chunk_size=chunk)
     return lambda h, w, i, lp, lse, m: sparse_kd_chunked(h, w, i, lp, lse, m, o)
 
 
-HALF_SUBSET = ("odd", "masked20-pad", "weight-grad", "kV")  # half-precision inputs on a representative subset
+# half-precision inputs on a representative subset
+HALF_SUBSET = ("odd", "masked20-pad", "weight-grad", "kV", "reverse-T2-masked-pad", "jsd-peaked-wgrad")
 ORACLE_PARAMS = [
     pytest.param(c, d, id=f"{c.name}-{str(d)[6:]}")
     for d in (torch.float32, torch.float16, torch.bfloat16)

@@ -36,7 +36,8 @@ def losses(fn, inputs, labels, mask, opts, dtype, weight_grad):
 
 def separate_eager(h, w, ids, lp, labels, c, mask, opts):
     kw = {"mask": mask, "variant": opts["variant"], "reduction": opts["reduction"], "impl": "eager"}
-    kd = sparse_kd_loss(h, w, ids, lp, lse_t=c, temperature=opts["temperature"], **kw)
+    kd = sparse_kd_loss(h, w, ids, lp, lse_t=c, temperature=opts["temperature"],
+                        divergence=opts.get("divergence", "forward_kl"), **kw)  # fmt: skip
     zeros = torch.zeros(h.shape[0], 1, dtype=lp.dtype)
     ce = sparse_kd_loss(h, w, labels[:, None], zeros, lse_t=zeros[:, 0], temperature=1.0, **{**kw, "variant": "tail"})
     return kd, ce
@@ -54,6 +55,9 @@ def fused(h, w, ids, lp, labels, c, mask, opts):
         (30.0, 0.4, 1.0, 16, "tail", "mean", False),
         (60.0, 0.0, 2.0, 1, "tail", "none", True),
         (45.0, 1e-6, 2.0, 5, "renorm", "sum", False),
+        (20.0, 1e-8, 2.0, 16, "reverse_kl", "mean", True),
+        (0.0, 0.4, 1.0, 5, "reverse_kl", "none", False),
+        (30.0, 0.05, 2.0, 5, "jsd", "sum", True),
     ],
 )
 def test_one_pass_matches_the_two_losses(lead, tail, temperature, k, variant, reduction, weight_grad):
@@ -62,6 +66,8 @@ def test_one_pass_matches_the_two_losses(lead, tail, temperature, k, variant, re
     mask = torch.ones(N, dtype=torch.bool)
     mask[4] = False
     opts = {"temperature": temperature, "variant": variant, "reduction": reduction}
+    if variant in ("reverse_kl", "jsd"):  # the other divergences take the tail variant
+        opts.update(variant="tail", divergence=variant)
     truth = losses(separate_eager, inputs, labels, mask, opts, torch.float64, weight_grad)
     got = losses(fused, inputs, labels, mask, opts, torch.float32, weight_grad)
     for name, g, t in zip(("kd", "ce", "dh", "dW"), got, truth):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import RTOL, Case, assert_oracle, make_case, make_regime, rel
+from kernel_cases import RTOL, Case, assert_oracle, make_case, make_regime, opts_of, regime_opts, rel
 from ssb_kernels import KDOptions, sparse_kd_loss
 from ssb_kernels.options import TopkOptions
 from ssb_kernels.reference import sparse_kd_eager, topk_logprobs_eager
@@ -40,6 +40,10 @@ INTERP_CASES = [
     Case("masked-pad-none", n=20, h=32, v=200, k=6, mask_frac=0.2, pad=2, reduction="none"),
     Case("peaked-renorm-sum", n=16, h=16, v=150, k=9, teacher_scale=12.0, variant="renorm", reduction="sum"),
     Case("far-wgrad-T2", n=20, h=16, v=130, k=5, student_scale=6.0, temperature=2.0, weight_grad=True, pad=1),
+    Case(
+        "reverse-masked-wgrad", n=70, h=24, v=301, k=6, mask_frac=0.2, pad=1, weight_grad=True, divergence="reverse_kl"
+    ),
+    Case("jsd-T2-none", n=70, h=16, v=200, k=5, temperature=2.0, reduction="none", divergence="jsd"),
 ]
 
 
@@ -50,7 +54,7 @@ def _on(x: dict, dev: str) -> dict:
 def triton_fn(case: Case):
     from ssb_kernels.triton_sparse_kd import sparse_kd_triton
 
-    o = KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction)
+    o = opts_of(case)
     return lambda h, w, i, lp, lse, m: sparse_kd_triton(h, w, i, lp, lse, m, o)
 
 
@@ -178,13 +182,13 @@ if given is not None:
         tail=st.sampled_from([0.0, 1e-6, 1e-4, 0.05, 0.4, 0.5]),
         temperature=st.sampled_from([1.0, 2.0]),
         k=st.sampled_from([1, 5, 16]),
-        variant=st.sampled_from(["tail", "renorm"]),
+        variant=st.sampled_from(["tail", "renorm", "reverse_kl", "jsd"]),
         reduction=st.sampled_from(["sum", "mean", "none"]),
         seed=st.integers(0, 1000),
     )
     def test_triton_regimes_match_float64(lead, tail, temperature, k, variant, reduction, seed):
         inputs = make_regime(70, 24, 1003, k, lead, tail, temperature, seed)
-        check_triton(inputs, KDOptions(temperature, variant, reduction))
+        check_triton(inputs, regime_opts(temperature, variant, reduction))
 
 
 @interpreter_only
@@ -221,17 +225,22 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
         (600, 256, 32000, 16, 60.0, 1e-6, 1.0, "renorm", False),
         (300, 128, 151_936, 64, 30.0, 0.0, 2.0, "tail", False),
         (300, 128, 5003, 16, 15.0, 0.05, 1.0, "tail", True),
+        (1000, 256, 32000, 64, 30.0, 1e-8, 2.0, "reverse_kl", True),
+        (600, 256, 151_936, 16, 45.0, 0.0, 1.0, "reverse_kl", False),
+        (1000, 256, 32000, 64, 20.0, 0.4, 2.0, "jsd", False),
     ],
 )
 def test_triton_cuda_regimes(n, h, v, k, lead, tail, temperature, variant, weight_grad, dtype):
-    check_triton(make_regime(n, h, v, k, lead, tail, temperature, 0), KDOptions(temperature, variant, "sum"), dtype,
-                 weight_grad)  # fmt: skip
+    check_triton(make_regime(n, h, v, k, lead, tail, temperature, 0), regime_opts(temperature, variant, "sum"),
+                 dtype, weight_grad)  # fmt: skip
 
 
 GPU_CASES = [
     Case("qwen-like", n=1000, h=256, v=32000, k=64, temperature=2.0, mask_frac=0.2, pad=3, reduction="sum"),
     Case("qwen-like-wgrad", n=300, h=128, v=5003, k=16, weight_grad=True, reduction="sum"),
     Case("peaked-renorm", n=500, h=128, v=32000, k=16, teacher_scale=12.0, variant="renorm", reduction="sum"),
+    Case("reverse-wgrad", n=300, h=128, v=5003, k=16, weight_grad=True, reduction="sum", divergence="reverse_kl"),
+    Case("jsd-masked", n=1000, h=256, v=32000, k=64, mask_frac=0.2, pad=3, reduction="sum", divergence="jsd"),
 ]
 
 
@@ -242,7 +251,7 @@ GPU_CASES = [
 def test_triton_cuda_cases(case, dtype):
     """The awkward cases (masked rows, padding, derived c_T, dW) on device, normwise against float64."""
     x = {key: (val.to(DEV) if isinstance(val, torch.Tensor) else val) for key, val in make_case(case, dtype).items()}
-    opts = KDOptions(temperature=case.temperature, variant=case.variant, reduction=case.reduction)
+    opts = opts_of(case)
     tol = RTOL if dtype == torch.float32 else HALF_RTOL[dtype]
     outs = []
     for fn, dt in ((sparse_kd_eager, torch.float64), (triton_kd, dtype)):
