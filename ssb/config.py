@@ -81,6 +81,16 @@ class CurateConfig(SamplingConfig):
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """What the student is distilled on: ``robust`` (SSB: the hinted teacher's solutions), ``on_policy`` (its own
+    rollouts scored by that teacher, ssb.onpolicy) or ``both`` (SSB in round 1, on-policy in rounds 2..R)."""
+
+    source: str = "robust"
+    max_sequences: int = 0  # on_policy: at most this many scored sequences per round (0: all; < 0 is an error)
+    allow_teacher_mix: bool = False  # train on stores captured by different teachers or templates anyway
+
+
+@dataclass(frozen=True)
 class GradingConfig:
     mode: str = "strict"  # how the final answer is found (ssb.core.grading.GRADING_MODES)
 
@@ -118,7 +128,9 @@ class TrainConfig:
     approximate_c_t: bool = False  # opt-in: train at a T the store lacks, on the SPEC's one-token-tail c_T
     kd_weight: float = 1.0
     ce_weight: float = 0.0
-    variant: str = "tail"  # tail | renorm
+    variant: str = "tail"  # tail | renorm (renorm: forward_kl only)
+    divergence: str = "forward_kl"  # forward_kl (SSB) | reverse_kl | jsd, over K + tail (docs/SPEC.md section 2b)
+    jsd_beta: float = 0.5  # jsd: m = beta q + (1 - beta) p, 0 < beta < 1
     loss_impl: str = "auto"  # auto | triton | chunked | eager
     gradient_checkpointing: bool = True
     packing: bool = True
@@ -161,6 +173,7 @@ class SSBConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -179,7 +192,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "capture.value_dtype": ("float32", "float16"),
     "capture.kernel_impl": KERNEL_IMPLS,
     "train.schedule": ("cosine", "linear", "constant"),
+    "distill.source": ("robust", "on_policy", "both"),
     "train.variant": ("tail", "renorm"),
+    "train.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "train.loss_impl": KERNEL_IMPLS,
     "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
@@ -213,6 +228,14 @@ def validate(cfg: SSBConfig) -> SSBConfig:
             raise ConfigError(f"{key}: expected a temperature > 0, got {t!r}")
     if cfg.rounds < 1:
         raise ConfigError(f"rounds: expected >= 1, got {cfg.rounds}")
+    if cfg.distill.source == "both" and cfg.rounds < 2:
+        raise ConfigError("distill.source: 'both' is SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2")
+    for key, bad in [("train.variant", cfg.train.variant == "renorm" and cfg.train.divergence != "forward_kl"),
+                     ("train.jsd_beta", not 0.0 < cfg.train.jsd_beta < 1.0),
+                     ("distill.max_sequences", cfg.distill.max_sequences < 0)]:  # fmt: skip
+        if bad:
+            raise ConfigError(f"{key}: got {_get(cfg, key)!r}; renorm is forward_kl only, jsd_beta lies in (0, 1), "
+                              "max_sequences >= 0 (0: all)")  # fmt: skip
     t = cfg.train.kd_temperature
     if cfg.train.kd_weight != 0 and t not in cfg.capture.temperatures and not cfg.train.approximate_c_t:
         raise ConfigError(
@@ -375,8 +398,3 @@ def save_config(cfg: SSBConfig, directory: str | Path, name: str = "config.yaml"
     path = Path(directory) / name
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` re-exported for convenience in stage code and tests."""
-    return dataclasses.replace(cfg, **changes)

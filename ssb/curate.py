@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from ssb.config import SSBConfig, config_hash, save_config
 from ssb.core.files import (
-    InputError,
     append_jsonl,
     atomic_write_json,
     atomic_write_jsonl,
@@ -36,6 +35,7 @@ from ssb.core.files import (
 from ssb.core.grading import cluster_answers, grade
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import prompt_ids, student_messages, teacher_messages
+from ssb.core.rollouts import read_rollouts
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
 
 DECISIONS = "decisions.jsonl"  # private: one line per generated candidate (audit log, resume point)
@@ -51,32 +51,6 @@ STATUSES = (
     "robust_wrong",
     "not_reached",
 )
-_ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
-
-
-def read_rollouts(layout: RunLayout) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Problems (in order) and their rollouts, validated: errors name the file, line and field."""
-    for path in (layout.problems, layout.rollouts, layout.rollout_stats):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing; run `ssb rollout` (to completion) first")
-    problems = []
-    for line, rec in iter_jsonl(layout.problems):
-        for key in ("id", "question", "answer"):
-            if not isinstance(rec.get(key), str):
-                raise InputError(f"{layout.problems}:{line}: field {key!r} must be a string")
-        problems.append(rec)
-    by_id: dict[str, list[dict]] = {p["id"]: [] for p in problems}
-    path = layout.rollouts
-    for line, rec in iter_jsonl(path):
-        for key, tp in _ROLLOUT_FIELDS.items():
-            if not isinstance(rec.get(key), tp):
-                raise InputError(f"{path}:{line}: field {key!r} must be {tp.__name__}")
-        if rec["id"] not in by_id:
-            raise InputError(f"{path}:{line}: id {rec['id']!r} is not in {layout.problems.name}")
-        if rec.get("answer") is not None and not isinstance(rec["answer"], str):
-            raise InputError(f"{path}:{line}: field 'answer' must be a string or null")
-        by_id[rec["id"]].append(rec)
-    return problems, by_id
 
 
 def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, dict | None]:

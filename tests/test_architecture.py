@@ -18,13 +18,16 @@ MAX_LINES = 400
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("ssb.cli", "ssb.__main__")),
     ("run", ("ssb.run",)),
-    ("stages", ("ssb.rollout", "ssb.curate", "ssb.capture", "ssb.train", "ssb.eval", "ssb.toy", "ssb.zoo")),
+    (
+        "stages",
+        ("ssb.rollout", "ssb.curate", "ssb.onpolicy", "ssb.capture", "ssb.train", "ssb.eval", "ssb.toy", "ssb.zoo"),
+    ),
     ("engines/store", ("ssb.engines", "ssb.store")),
     ("core", ("ssb.core", "ssb.config", "ssb.toy.world", "ssb")),  # the toy world is data (ssb.core.data serves it)
     ("kernels", ("ssb_kernels",)),
 ]
 # A stage talks to another only through files on disk: no stage imports another (the toy tools are one unit).
-STAGES = ("ssb.rollout", "ssb.curate", "ssb.capture", "ssb.train", "ssb.eval", "ssb.toy", "ssb.zoo")
+STAGES = ("ssb.rollout", "ssb.curate", "ssb.onpolicy", "ssb.capture", "ssb.train", "ssb.eval", "ssb.toy", "ssb.zoo")
 
 
 def _modules() -> dict[str, Path]:

@@ -11,7 +11,8 @@ import pytest
 from ssb.config import SSBConfig, load_config
 from ssb.core.files import InputError
 from ssb.core.layout import RunLayout
-from ssb.curate import STATUSES, choose_pair, judge_solution, read_rollouts, run_curation
+from ssb.core.rollouts import read_rollouts
+from ssb.curate import STATUSES, choose_pair, judge_solution, run_curation
 from ssb.engines import Completion, Sampling, sample_seeds
 from ssb.rollout import run_rollouts
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ssb.capture.inputs import Item, load_items
+from ssb.capture.inputs import Item, distilled_sequences, load_items
 from ssb.config import SSBConfig, config_to_dict, save_config
 from ssb.core.files import sha256_file, sha256_text, weights_stamp
 from ssb.core.layout import RunLayout
@@ -80,6 +80,15 @@ def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str |
     return CapturePlan(items, skipped, n_inputs, inputs, tok_info, fingerprint)
 
 
+def teacher_identity(cfg: SSBConfig, tokenizer: dict) -> dict:
+    """What makes two stores' targets come from the same teacher: the model (id, revision, weight files), the
+    hinted template and the chat template. Train refuses to mix stores that differ here, unless
+    ``distill.allow_teacher_mix``."""
+    m = cfg.model
+    return {"model": m.name_or_path, "revision": m.revision, "weights": weights_stamp(m.name_or_path),
+            "template": DEFAULT_PROMPTS.digest(), "chat_template": tokenizer["chat_template"]}  # fmt: skip
+
+
 def capture(
     cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str | Path, out_dir: str | Path, *, backend=None
 ) -> dict:
@@ -112,6 +121,8 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend) -> di
         "model": {"id": m.name_or_path, "revision": m.revision, "dtype": m.dtype, "vocab_size": backend.vocab_size},
         "tokenizer": plan.tokenizer,
         "prompts": {"digest": DEFAULT_PROMPTS.digest()},
+        "teacher": teacher_identity(cfg, plan.tokenizer),
+        "distilled": distilled_sequences(plan.inputs["teacher_jsonl"]),
         "backend": backend.name,
         "kernel_impl": cap.kernel_impl,
         "temperatures": [float(t) for t in cap.temperatures],

@@ -58,3 +58,14 @@ def load_items(
             continue
         items.append(Item(i, ex_id, p, r))
     return items, skipped, len(teacher)
+
+
+def distilled_sequences(teacher_jsonl: str | Path) -> dict:
+    """Which sequences the teacher scores, for the store manifest: the source (``robust`` solutions or the
+    student's ``on_policy`` samples, as curate recorded it) and one ``id`` (robust) or ``id#sample`` per line."""
+    sources, seqs = set(), []
+    for _, rec in iter_jsonl(teacher_jsonl):
+        src = rec.get("source", "robust")
+        sources.add(src)
+        seqs.append(f"{rec.get('id')}#{rec['sample']}" if src == "on_policy" else str(rec.get("id")))
+    return {"source": "/".join(sorted(sources)) or None, "sequences": seqs}

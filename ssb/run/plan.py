@@ -38,6 +38,12 @@ def _rollout(cfg: SSBConfig, **options: Any) -> int:
 
 
 def _curate(cfg: SSBConfig, **options: Any) -> int:
+    """Robust solutions (SSB, ``ssb.curate``) or the student's own samples (``ssb.onpolicy``), by
+    ``distill.source`` (``both`` was resolved per round by ``round_config``; as a plain stage it is round 1)."""
+    if cfg.distill.source == "on_policy":
+        from ssb import onpolicy
+
+        return onpolicy.run(cfg, **options)
     from ssb import curate
 
     return curate.run(cfg, **options)
@@ -88,8 +94,9 @@ def _eval(cfg: SSBConfig, *, adapter: str | None = None, out: str | Path | None 
 STAGES: list[Stage] = [
     Stage("rollout", ("model", "data", "grading", "engine", "rollout"), _rollout,
           "sample K graded rollouts per problem", {"resume": True}),
-    Stage("curate", ("curate",), _curate,
-          "pick correct/wrong pairs and write hinted robust solutions", {"resume": True}, _nothing_to_distil),
+    Stage("curate", ("curate", "distill"), _curate,
+          "pick correct/wrong pairs and write hinted robust solutions (distill.source=on_policy: select the "
+          "student's own samples for the hinted teacher to score)", {"resume": True}, _nothing_to_distil),
     Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store"),
     Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True}),
     Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy"),

@@ -5,7 +5,10 @@ the round ``r-1`` student, so the pairs are the problems that student still gets
 hinted teacher (curate, capture) stays the base model; and a fresh LoRA is trained on the base model over the
 pairs of rounds ``1..r`` (``train.extra_runs``), as STaR does (Zelikman et al. 2022: retrain from the base on
 everything collected, instead of stacking fine-tunes on few new examples). The teacher is the same model in
-every round, so the earlier rounds' stored logits stay valid targets. The student after round ``r`` is the base
+every round, so the earlier rounds' stored logits stay valid targets (train refuses stores of different
+teachers or templates unless ``distill.allow_teacher_mix``). ``distill.source`` picks what each round
+distils: robust solutions, the student's own samples (on-policy), or ``both`` (SSB in round 1, then on-policy
+from the latest student: Lightning OPD's schedule). The student after round ``r`` is the base
 with that LoRA merged into plain weights (``RunLayout.round(r).student``), so every stage loads it like any
 model directory, with no LoRA plumbing. The paper's "iterations of logit generation and training".
 """
@@ -31,9 +34,19 @@ def ensure_student(cfg: SSBConfig, r: int) -> Path:
     return merged_model(cfg.model, adapter, layout.student)
 
 
+def round_source(cfg: SSBConfig, r: int) -> str:
+    """What round ``r`` distils: ``distill.source``, with ``both`` = robust (SSB) in round 1, on-policy after."""
+    if cfg.distill.source == "both":
+        return "robust" if r == 1 else "on_policy"
+    return cfg.distill.source
+
+
 def round_config(cfg: SSBConfig, r: int, stage: str) -> SSBConfig:
     """The config stage ``stage`` of round ``r`` runs with: its own directory; rollouts from the round ``r-1``
-    student with the seed moved on by ``r-1``; training over the pairs of every round so far."""
+    student with the seed moved on by ``r-1``; what to distil (``round_source``); training over the pairs of
+    every round so far."""
+    if cfg.distill.source == "both":
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, source=round_source(cfg, r)))
     if r == 1:
         return cfg
     layout = RunLayout(cfg.run_dir)

@@ -72,7 +72,8 @@ class Prober:
         self.opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
 
     def step(self, length: int, impl: str) -> None:
-        from ssb.config import replace
+        from dataclasses import replace
+
         from ssb.store import DistillExample
         from ssb.train.data import collate
         from ssb.train.model import distill_loss_sums

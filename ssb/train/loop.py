@@ -138,10 +138,28 @@ def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
 
     tokenizer = load_tokenizer(cfg.model)
     examples: list[Example] = []
-    for layout in (RunLayout(d) for d in (run_dir, *cfg.train.extra_runs)):
-        store = TeacherStore(layout.store)
-        examples += build_student_examples(store, layout.curate_student, tokenizer, cfg.train.kd_temperature)
+    stores = [TeacherStore(RunLayout(d).store) for d in (run_dir, *cfg.train.extra_runs)]
+    if not cfg.distill.allow_teacher_mix:
+        check_one_teacher(stores)
+    for d, store in zip((run_dir, *cfg.train.extra_runs), stores):
+        examples += build_student_examples(store, RunLayout(d).curate_student, tokenizer, cfg.train.kd_temperature)
     return examples
+
+
+def check_one_teacher(stores) -> None:
+    """Every store's targets come from one teacher and template (Lightning OPD: a teacher that changes between
+    stages adds an irreducible bias), compared on the identity keys both manifests record; else InputError."""
+    from ssb.core.files import InputError
+
+    first = stores[0]
+    a = first.manifest.get("teacher") or {"model": first.manifest["model"]["id"]}
+    for store in stores[1:]:
+        b = store.manifest.get("teacher") or {"model": store.manifest["model"]["id"]}
+        diff = sorted(key for key in a.keys() & b.keys() if a[key] != b[key])
+        if diff:
+            raise InputError(f"{store.path}/manifest.json: teacher {', '.join(diff)} differ from {first.path} "
+                             f"({', '.join(f'{k}: {b[k]!r} vs {a[k]!r}' for k in diff)}); set "
+                             "distill.allow_teacher_mix=true to train on both anyway")  # fmt: skip
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -182,7 +182,8 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
     zero = h.new_zeros((), dtype=torch.float32)
     kd = ce = zero
     kd_args = dict(lse_t=batch.lse_t, temperature=train_cfg.kd_temperature, variant=train_cfg.variant,
-                   reduction="sum", impl=train_cfg.loss_impl)  # fmt: skip
+                   reduction="sum", impl=train_cfg.loss_impl, divergence=train_cfg.divergence,
+                   beta=train_cfg.jsd_beta)  # fmt: skip
     if train_cfg.kd_weight != 0 and train_cfg.ce_weight != 0:
         kd, ce = sparse_kd_ce_loss(h, weight, batch.topk_ids, batch.topk_logprobs, batch.token_ids.long(), **kd_args)
     elif train_cfg.kd_weight != 0:

@@ -1,0 +1,36 @@
+"""Reading a finished rollout stage (``RUN_DIR/rollout``): the problems and their graded samples, validated.
+
+Shared by the stages that select what to distil from the rollouts (``ssb.curate``, ``ssb.onpolicy``).
+"""
+
+from __future__ import annotations
+
+from ssb.core.files import InputError, iter_jsonl
+from ssb.core.layout import RunLayout
+
+_ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
+
+
+def read_rollouts(layout: RunLayout) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Problems (in order) and their rollouts, validated: errors name the file, line and field."""
+    for path in (layout.problems, layout.rollouts, layout.rollout_stats):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run `ssb rollout` (to completion) first")
+    problems = []
+    for line, rec in iter_jsonl(layout.problems):
+        for key in ("id", "question", "answer"):
+            if not isinstance(rec.get(key), str):
+                raise InputError(f"{layout.problems}:{line}: field {key!r} must be a string")
+        problems.append(rec)
+    by_id: dict[str, list[dict]] = {p["id"]: [] for p in problems}
+    path = layout.rollouts
+    for line, rec in iter_jsonl(path):
+        for key, tp in _ROLLOUT_FIELDS.items():
+            if not isinstance(rec.get(key), tp):
+                raise InputError(f"{path}:{line}: field {key!r} must be {tp.__name__}")
+        if rec["id"] not in by_id:
+            raise InputError(f"{path}:{line}: id {rec['id']!r} is not in {layout.problems.name}")
+        if rec.get("answer") is not None and not isinstance(rec["answer"], str):
+            raise InputError(f"{path}:{line}: field 'answer' must be a string or null")
+        by_id[rec["id"]].append(rec)
+    return problems, by_id
