@@ -261,3 +261,15 @@ def test_arith_splits_are_deterministic_disjoint_graded_and_right():
         assert grade(p.meta["solution"], p.answer).correct
     with pytest.raises(InputError, match="arith: limit 501 is more than the test split's 500"):
         load_problems("arith", "test", limit=501)
+
+
+def test_arith_easy_is_levels_1_to_3_of_the_same_splits_with_the_same_ids():
+    full = {p.id: p for p in load_problems("arith", "test")}
+    easy = load_problems("arith_easy", "test")
+    assert {p.meta["level"] for p in easy} == {1, 2, 3}
+    assert len(easy) == sum(p.meta["level"] <= 3 for p in full.values())  # every easy problem, no other
+    assert all(full[p.id].question == p.question for p in easy)  # same problem, same id as in `arith`
+    val = load_problems("arith_easy_val", limit=5)
+    assert [p.id for p in val] == [p.id for p in load_problems("arith", "val") if p.meta["level"] <= 3][:5]
+    with pytest.raises(InputError, match=f"limit 999 is more than the test split's {len(easy)} problems"):
+        load_problems("arith_easy", "test", limit=999)

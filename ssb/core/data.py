@@ -7,7 +7,8 @@
   test, and val, the train-split problems after the first 1,000, which rollouts never reach; ``"toy_val"`` is
   that split as an eval benchmark name, for tuning without touching the test split), or ``"arith"``
   (:mod:`ssb.core.arith`: generated one- and two-step arithmetic word problems in five levels, for small real
-  models; splits train, val and test, ``"arith_val"`` as a benchmark name);
+  models; splits train, val and test, ``"arith_val"`` as a benchmark name; ``"arith_easy"`` / ``"arith_easy_val"``
+  its one-step single-digit levels 1-3 only);
 - a hub name (``"openai/gsm8k"``, any ``owner/name``), loaded with ``datasets.load_dataset``. When the
   environment variable ``SSB_DATASETS_MIRROR`` names a directory holding ``<owner>/<name>/`` (a copy of the hub
   repository: parquet/jsonl files plus its README config), that copy is loaded instead (offline clusters, tests);
@@ -252,15 +253,24 @@ def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
         yield f"toy[{split}] row {i}", f"toy/{split}/{i}", rec, None
 
 
-def _arith_rows(split: str | None, limit: int | None) -> Iterator[Row]:
+def arith_easy_levels() -> tuple[int, ...]:
+    from ssb.core import arith
+
+    return arith.EASY_LEVELS
+
+
+def _arith_rows(split: str | None, limit: int | None, levels: tuple[int, ...] | None = None) -> Iterator[Row]:
+    """``arith`` problems of ``split``; with ``levels``, only those levels (ids keep their index in the split)."""
     from ssb.core import arith
 
     split = split or "test"
     if split not in arith.SIZES:
         raise InputError(f"arith: no split {split!r} (has {sorted(arith.SIZES)})")
-    if limit is not None and limit > arith.SIZES[split]:
-        raise InputError(f"arith: limit {limit} is more than the {split} split's {arith.SIZES[split]} problems")
-    for i, rec in enumerate(arith.problems(split, limit)):
+    n = arith.SIZES[split] if levels or limit is None else min(limit, arith.SIZES[split])
+    rows = [(i, rec) for i, rec in enumerate(arith.problems(split, n)) if not levels or rec["level"] in levels]
+    if limit is not None and limit > (len(rows) if levels else arith.SIZES[split]):
+        raise InputError(f"arith: limit {limit} is more than the {split} split's {len(rows)} problems")
+    for i, rec in rows[:limit]:
         yield f"arith[{split}] row {i}", f"arith/{split}/{i}", rec, None
 
 
@@ -284,6 +294,8 @@ def _rows(
         return _toy_rows("val", limit), None, "toy"
     if key in ("arith", "arith_val"):  # generated arithmetic word problems (ssb.core.arith); arith_val for tuning
         return _arith_rows("val" if key == "arith_val" else split, limit), None, "arith"
+    if key in ("arith_easy", "arith_easy_val"):  # its levels 1-3 (one-step, single digits)
+        return _arith_rows("val" if key.endswith("_val") else split, limit, arith_easy_levels()), None, "arith_easy"
     name = key if key in HUB else _BY_PATH.get(key)
     spec = HUB.get(name) if name else None
     path = Path(source).expanduser()
