@@ -81,11 +81,8 @@ class CurateConfig(SamplingConfig):
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """What the student is distilled on: ``robust`` (SSB: the hinted teacher's solutions), ``on_policy`` (its own
-    rollouts scored by that teacher, ssb.onpolicy) or ``both`` (SSB in round 1, on-policy in rounds 2..R)."""
-
-    source: str = "robust"
+class DistillConfig:  # docs/SPEC.md section 8
+    source: str = "robust"  # robust (SSB) | on_policy (the student's samples, ssb.onpolicy) | both (rounds 2..R)
     max_sequences: int = 0  # on_policy: at most this many scored sequences per round (0: all; < 0 is an error)
     allow_teacher_mix: bool = False  # train on stores captured by different teachers or templates anyway
 
@@ -100,6 +97,7 @@ class CaptureConfig:
     backend: str = "hf"  # hf | vllm
     k: int = 64
     value_dtype: str = "float32"  # float32 | float16
+    store_format: str = "exact"  # exact | compact (ids bit-packed, log-probs companded: ssb.store.compact)
     temperatures: tuple[float, ...] = (1.0, 2.0)
     token_budget: int = 16384  # tokens per forward batch
     shard_examples: int = 64
@@ -190,6 +188,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.backend": ("vllm", "hf"),
     "capture.backend": ("hf", "vllm"),
     "capture.value_dtype": ("float32", "float16"),
+    "capture.store_format": ("exact", "compact"),
     "capture.kernel_impl": KERNEL_IMPLS,
     "train.schedule": ("cosine", "linear", "constant"),
     "distill.source": ("robust", "on_policy", "both"),

@@ -130,7 +130,8 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend) -> di
         "inputs": plan.inputs,
         "input_examples": plan.n_inputs,
     }
-    writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures)
+    writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
+                         store_format=cap.store_format)  # fmt: skip
     pending = [j for j in range(n_shards) if not writer.done(j)]  # after stale shards were dropped
     if len(pending) < n_shards:
         print(f"[capture] resuming: {n_shards - len(pending)}/{n_shards} shards already complete", file=sys.stderr)

@@ -25,10 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from ssb.core.files import atomic_write_bytes, atomic_write_json, sha256_file
+from ssb.store import compact
 
 FORMAT = "ssb-teacher-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+STORE_FORMATS = ("exact", "compact")  # manifest "store_format" (absent: exact); readers accept both
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 
 
@@ -83,9 +85,14 @@ class StoreWriter:
     fingerprint are stale and get removed (with a message) rather than mixed into the new store.
     """
 
-    def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float]):
+    def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float],
+                 store_format: str = "exact"):  # fmt: skip
         if value_dtype not in ("float32", "float16"):
             raise ValueError(f"value_dtype: expected float32 or float16, got {value_dtype!r}")
+        if store_format not in STORE_FORMATS:
+            raise ValueError(f"store_format: expected one of {STORE_FORMATS}, got {store_format!r}")
+        self.store_format = store_format
+        self.vocab_size = int(header["model"]["vocab_size"]) if store_format == "compact" else None
         self.path = Path(path)
         self.header = header
         self.fingerprint = str(header["fingerprint"])
@@ -140,6 +147,9 @@ class StoreWriter:
             "topk_logprobs": cat(lambda e: e.topk_logprobs, vdt, (self.k,)),
             "token_logprob": cat(lambda e: e.token_logprob, torch.float32),
         }
+        if self.store_format == "compact":  # ids and log-probs packed (ssb.store.compact); the rest stays exact
+            ids, lp = tensors.pop("topk_ids"), tensors.pop("topk_logprobs")
+            tensors.update(compact.encode(ids, lp.float(), self.vocab_size))
         for t in self.temperatures:
             tensors[lse_key(t)] = cat(lambda e, t=t: e.lse[t], torch.float32)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "shard": j,
@@ -173,6 +183,8 @@ class StoreWriter:
             **self.header,
             "k": self.k,
             "value_dtype": self.value_dtype,
+            "store_format": self.store_format,
+            **({"compact": compact.layout(self.vocab_size)} if self.store_format == "compact" else {}),
             "counts": {"examples": examples, "rows": rows, "skipped": len(skipped)},
             "skipped": skipped,
             "shards": shards,
@@ -193,7 +205,7 @@ def is_complete(path: str | Path, fingerprint: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16}
+_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
 
 
 def _mmap_tensors(f: Path) -> dict[str, torch.Tensor]:
@@ -236,6 +248,10 @@ class TeacherStore:
         if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{mpath}: not an {FORMAT} v{FORMAT_VERSION} manifest")
         self.k = int(self.manifest["k"])
+        self.store_format = self.manifest.get("store_format", "exact")
+        if self.store_format not in STORE_FORMATS:
+            raise StoreError(f"{mpath}: unknown store_format {self.store_format!r} (known: {STORE_FORMATS})")
+        self.vocab_size = int(self.manifest["model"]["vocab_size"])
         self.exact_temperatures = [float(t) for t in self.manifest["exact_temperatures"]]
         self._shards = [self._load_shard(s, verify) for s in self.manifest["shards"]]
         self._index = [(si, j) for si, sh in enumerate(self._shards) for j in range(sh["example_index"].shape[0])]
@@ -267,6 +283,9 @@ class TeacherStore:
             "topk_logprobs": ((rows, k), vdt),
             "token_logprob": ((rows,), torch.float32),
         }
+        if self.store_format == "compact":
+            del want["topk_ids"], want["topk_logprobs"]
+            want.update({name: ((rows, *tail), dt) for name, (tail, dt) in compact.shapes(k, self.vocab_size).items()})
         for temp in self.exact_temperatures:
             if temp != 1.0:
                 want[lse_key(temp)] = ((rows,), torch.float32)
@@ -290,11 +309,15 @@ class TeacherStore:
         a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])
         lse = {1.0: torch.zeros(b - a, dtype=torch.float32)}
         lse.update({temp: t[lse_key(temp)][a:b] for temp in self.exact_temperatures if temp != 1.0})
+        if self.store_format == "compact":
+            ids, lp = compact.decode({n: t[n][a:b] for n in compact.NAMES}, self.k, self.vocab_size)
+        else:
+            ids, lp = t["topk_ids"][a:b], t["topk_logprobs"][a:b]
         return StoreExample(
             example_index=int(t["example_index"][j]),
             token_ids=t["token_ids"][a:b],
-            topk_ids=t["topk_ids"][a:b],
-            topk_logprobs=t["topk_logprobs"][a:b],
+            topk_ids=ids,
+            topk_logprobs=lp,
             lse=lse,
             token_logprob=t["token_logprob"][a:b],
         )

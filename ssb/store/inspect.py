@@ -25,6 +25,7 @@ def summarize(store: TeacherStore) -> dict:
         "backend": m.get("backend"),
         "k": store.k,
         "value_dtype": m["value_dtype"],
+        "store_format": store.store_format,
         "exact_temperatures": store.exact_temperatures,
         "examples": len(store),
         "rows": rows,
@@ -41,7 +42,8 @@ def print_inspect(path: str | Path) -> None:
     s = summarize(TeacherStore(path))
     print(f"teacher store {s['path']}  ({s['backend']} backend, model {s['model']})")
     print(f"  examples {s['examples']}  rows {s['rows']}  skipped {s['skipped']}")
-    print(f"  k {s['k']}  values {s['value_dtype']}  exact c_T for T in {s['exact_temperatures']}")
+    values = s["value_dtype"] if s["store_format"] == "exact" else "compact (ids bit-packed, log-probs companded)"
+    print(f"  k {s['k']}  values {values}  exact c_T for T in {s['exact_temperatures']}")
     print(f"  bytes/row {s['bytes_per_row']:.1f}  (dense float32: {s['dense_fp32_bytes_per_row']}, "
           f"ratio {s['ratio_to_dense']:.2e})")  # fmt: skip
     print(f"  mean teacher mass in top-k {s['mean_topk_mass']:.4f}")
