@@ -10,8 +10,8 @@ import torch
 from ssb_kernels import sparse_kd_loss
 
 from ssb.store import StoreExample, StoreWriter, TeacherStore
-from ssb.store.format import _mmap_tensors
 from ssb.store.compact import code_bits, decode, encode, id_bits, pack_bits, unpack_bits
+from ssb.store.format import _mmap_tensors
 
 
 @pytest.mark.parametrize("bits", [1, 3, 10, 16, 18, 19])
@@ -72,6 +72,7 @@ def test_compact_store_reads_back_with_exact_side_values_and_fits_the_budget(tmp
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.token_ids, b.token_ids)
         assert torch.equal(a.token_logprob, b.token_logprob) and torch.equal(a.lse[2.0], b.lse[2.0])
         assert float((a.topk_logprobs - b.topk_logprobs).abs().max()) < 0.05
+
     def per_row(store):  # tensor bytes per row (per-example offsets and the file header are amortised away)
         t = _mmap_tensors(store.path / store.manifest["shards"][0]["file"])
         return sum(x.numel() * x.element_size() for n, x in t.items() if n not in ("offsets", "example_index")) / 300
