@@ -34,6 +34,19 @@ from .reference import (
 GATHER_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
+# Elements of one (N, C) logit chunk: the streamed passes use C = min(chunk_size, CHUNK_ELEMS // N) vocabulary
+# columns (at least MIN_CHUNK), so the chunk buffer and its exp stay at 16 MB in fp32 however long the batch: at
+# N = 2048 that is C = 2048 (the bare-GEMM floor is fastest at 1,024-2,048 here, LOG.md); at N = 8192, C = 512.
+CHUNK_ELEMS = 1 << 22
+MIN_CHUNK = 128
+ROW_MATH_ROWS = 2048  # rows per block of the fp64 (rows, k) row math
+
+
+def vocab_chunk(n: int, chunk_size: int) -> int:
+    """Vocabulary columns per streamed chunk for ``n`` rows (see CHUNK_ELEMS); ``chunk_size`` is the upper bound."""
+    return max(1, min(chunk_size, max(MIN_CHUNK, CHUNK_ELEMS // max(n, 1))))
+
+
 def _row_blocks(n: int, k: int, h: int, device: torch.device) -> range:
     elems = GATHER_ELEMS.get(device.type, GATHER_ELEMS["cpu"])
     return range(0, n, max(1, elems // max(1, k * h)))
@@ -63,15 +76,24 @@ def sparse_matvec(b: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> t
     return out
 
 
-def chunk_k_flat(idx: torch.Tensor, valid: torch.Tensor, v0: int, c: int) -> torch.Tensor:
-    """Flat positions, in an (N, c) chunk of the vocabulary [v0, v0 + c), of each row's valid K ids there.
+class KByChunk:
+    """Each row's valid K ids grouped by vocabulary chunk once (one sort of N k entries), so masking K in chunk
+    [v0, v0 + c) costs a slice and an index_fill on its own entries, not an (N, k) pass per chunk."""
 
-    At most N k entries, so masking K costs an index_fill on them, not another pass over the chunk.
-    """
-    local = idx - v0
-    inr = valid & (local >= 0) & (local < c)
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-    return (rows * c + local)[inr]
+    def __init__(self, idx: torch.Tensor, valid: torch.Tensor, chunk: int) -> None:
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
+        ids = idx[valid]
+        order = torch.argsort(ids)
+        self.rows, self.ids, self.chunk = rows[order], ids[order], chunk
+        n_chunks = -(-int(idx.max()) // chunk) + 2 if idx.numel() else 1
+        edges = torch.arange(n_chunks + 1, device=idx.device) * chunk
+        self.bounds = torch.searchsorted(self.ids, edges).tolist()  # ids sorted: chunk j is bounds[j]:bounds[j+1]
+
+    def flat(self, v0: int, c: int) -> torch.Tensor:
+        """Flat positions, in the (N, c) chunk starting at vocabulary row ``v0``, of the valid K ids there."""
+        j = v0 // self.chunk
+        lo, hi = (self.bounds[j], self.bounds[j + 1]) if j + 1 < len(self.bounds) else (0, 0)
+        return self.rows[lo:hi] * c + (self.ids[lo:hi] - v0)
 
 
 def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False, scales=(1.0,)):
@@ -89,10 +111,12 @@ def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False, scales=(1.
     m = [h.new_full((n,), float("-inf")) for _ in scales]
     l_off = [h.new_zeros(n) for _ in scales]
     acc = [h.new_zeros(n, weight.shape[1]) if with_pw else None for _ in scales]
+    kc = KByChunk(idx, valid, chunk)
+    buf = h.new_empty(n * min(chunk, weight.shape[0]))  # one chunk buffer for the whole pass: no per-chunk malloc
     for v0 in range(0, weight.shape[0], chunk):
         wc = weight[v0 : v0 + chunk].to(h.dtype)  # (C, H)
-        s0 = h @ wc.t()  # (N, C): the only chunk-sized buffer (one more per extra scale)
-        flat = chunk_k_flat(idx, valid, v0, s0.shape[1])
+        s0 = torch.mm(h, wc.t(), out=buf[: n * wc.shape[0]].view(n, wc.shape[0]))  # (N, C), in the buffer
+        flat = kc.flat(v0, s0.shape[1])
         for j, c in enumerate(scales):
             s = (s0 if c == 1.0 else s0.mul_(c)) if j == last else s0 * c
             if off_max:
@@ -104,11 +128,11 @@ def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False, scales=(1.
             e.view(-1).index_fill_(0, flat, 0.0)  # K columns out: only off-K mass is summed
             l_off[j] = l_off[j] * alpha + e.sum(1)
             if acc[j] is not None:
-                acc[j] = torch.addmm(acc[j] * alpha[:, None], e, wc)  # acc * alpha + e_off @ W_c
+                acc[j].mul_(alpha[:, None]).addmm_(e, wc)  # acc * alpha + e_off @ W_c, in place
             m[j] = m_safe
     out = []
     for j in range(len(scales)):
-        pw = acc[j] / l_off[j].clamp(min=torch.finfo(h.dtype).tiny)[:, None] if with_pw else None
+        pw = acc[j].div_(l_off[j].clamp(min=torch.finfo(h.dtype).tiny)[:, None]) if with_pw else None
         out.append((m[j] + torch.log(l_off[j]), l_off[j], pw))
     return out
 
@@ -179,7 +203,7 @@ class _SparseKDChunked(torch.autograd.Function):
     def forward(ctx, hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts: KDOptions):
         dt = math_dtype(hidden, weight)
         T = opts.temperature
-        h = hidden.to(dt) / T  # (N, H): temperature folded into the hidden state
+        h = hidden.to(dt)  # (N, H); no copy in the math dtype: 1/T scales each logit chunk in place
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = topk_ids >= 0
         if mask is not None:
@@ -187,19 +211,26 @@ class _SparseKDChunked(torch.autograd.Function):
         row_valid = valid.any(-1)  # (N,)
         idx = topk_ids.long().clamp(min=0)  # (N, k); padding points at id 0 and is masked by `valid`
         # (N,) off-K LSE, (N, H) off-K mean head row: one streamed pass (plus exact redo rows)
-        (log_off,), (pw,) = exact_offk(h, weight, opts.chunk_size, need_dh, idx, valid)
-        # (N, k) student log p on K, (N,) its off-K log mass summed directly; both fp64
-        lp_k, log_pt = student_logp_k(gathered_logits(h, weight, idx), log_off, valid)
+        chunk = vocab_chunk(h.shape[0], opts.chunk_size)
+        (log_off,), (pw,) = exact_offk(h, weight, chunk, need_dh, idx, valid, scales=(1.0 / T,))
         v = weight.shape[0]
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
-        logq = topk_logprobs.double() / T - c.double()[:, None]  # (N, k) teacher math in fp64
-        loss = row_losses_from_logp(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)
+        s_k = gathered_logits(h, weight, idx).mul_(1.0 / T)  # (N, k) student logits z/T on K
+        loss, a, b = h.new_empty(h.shape[0]), s_k.new_empty(h.shape[0], dtype=torch.float64), torch.empty_like(
+            s_k, dtype=torch.float64)  # fmt: skip
+        for r in range(0, h.shape[0], ROW_MATH_ROWS):  # fp64 row math in blocks: its temporaries stay small
+            sl = slice(r, r + ROW_MATH_ROWS)
+            # (R, k) student log p on K, (R,) its off-K log mass summed directly; both fp64
+            lp_k, log_pt = student_logp_k(s_k[sl], log_off[sl], valid[sl])
+            logq = topk_logprobs[sl].double() / T - c[sl].double()[:, None]  # (R, k) teacher math in fp64
+            div = (opts.variant, v, log_pt, opts.divergence, opts.beta)
+            loss[sl] = row_losses_from_logp(lp_k, logq, valid[sl], *div)
+            a[sl], b[sl] = kd_coefficients(lp_k, logq, valid[sl], *div)
         loss = torch.where(row_valid, loss, torch.zeros_like(loss)) * T**2
         n_valid = int(row_valid.sum())
-        a, b = kd_coefficients(lp_k, logq, valid, opts.variant, v, log_pt, opts.divergence, opts.beta)  # fp64
         a = torch.where(row_valid, a, torch.zeros_like(a))
         ctx.opts, ctx.n_valid, ctx.in_dtypes = opts, n_valid, (hidden.dtype, weight.dtype)
-        ctx.save_for_backward(h if need_dw else None, weight, idx, valid, a, b, log_off, pw)
+        ctx.save_for_backward(h / T if need_dw else None, weight, idx, valid, a, b, log_off, pw)
         if opts.reduction == "none":
             return loss
         return loss.sum() if opts.reduction == "sum" else loss.sum() / max(n_valid, 1)
@@ -218,19 +249,21 @@ class _SparseKDChunked(torch.autograd.Function):
         dh = dw = None
         if ctx.needs_input_grad[0]:
             dt = pw.dtype
-            dh = (wa.to(dt)[:, None] * pw + sparse_matvec(wb.to(dt), weight, idx)).to(ctx.in_dtypes[0])
+            dh = sparse_matvec(wb.to(dt), weight, idx).addcmul_(wa.to(dt)[:, None], pw).to(ctx.in_dtypes[0])
         if ctx.needs_input_grad[1]:
             # dW = T^2 g^T (h / T) = T (w g)^T h' with the saved h' = h / T; off K, g = a p_v / p_t is recomputed
             # chunk by chunk from the saved off-K LSE (K columns get their part from b below)
             dt = h.dtype
             wa, wb = (wa * T).to(dt), (wb * T).to(dt)
             dw32 = torch.empty(weight.shape, dtype=dt, device=h.device)
-            for v0 in range(0, weight.shape[0], opts.chunk_size):
-                wc = weight[v0 : v0 + opts.chunk_size].to(dt)
+            chunk = vocab_chunk(h.shape[0], opts.chunk_size)
+            kc = KByChunk(idx, valid, chunk)
+            for v0 in range(0, weight.shape[0], chunk):
+                wc = weight[v0 : v0 + chunk].to(dt)
                 p = (h @ wc.t()).sub_(log_off[:, None]).exp_()  # (N, C) = p_v / p_t
-                p.view(-1).index_fill_(0, chunk_k_flat(idx, valid, v0, p.shape[1]), 0.0)
+                p.view(-1).index_fill_(0, kc.flat(v0, p.shape[1]), 0.0)
                 p.mul_(wa[:, None])
-                dw32[v0 : v0 + opts.chunk_size] = p.t() @ h
+                dw32[v0 : v0 + chunk] = p.t() @ h
             dw32.index_add_(0, idx.reshape(-1), (wb[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
             dw = dw32.to(ctx.in_dtypes[1])
         return dh, dw, None, None, None, None, None

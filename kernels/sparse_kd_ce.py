@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunk_k_flat, exact_offk, gathered_logits, kd_coefficients, sparse_matvec
+from .chunked import KByChunk, exact_offk, gathered_logits, kd_coefficients, sparse_matvec, vocab_chunk
 from .options import KDOptions, check_impl, check_kd_inputs
 from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
 
@@ -56,7 +56,8 @@ class _SparseKDCEChunked(torch.autograd.Function):
         u_idx = torch.cat([idx, lab[:, None]], 1)  # (N, k + 1)
         u_valid = torch.cat([valid, lab_out[:, None]], 1)
         scales = (1.0 / T, 1.0) if T != 1.0 else (1.0,)
-        log_u, pw_u = exact_offk(h, weight, opts.chunk_size, ctx.needs_input_grad[0], u_idx, u_valid, scales)
+        chunk = vocab_chunk(h.shape[0], opts.chunk_size)
+        log_u, pw_u = exact_offk(h, weight, chunk, ctx.needs_input_grad[0], u_idx, u_valid, scales)
         log_u = [x.double() for x in log_u]
         s_u = gathered_logits(h, weight, u_idx).double()  # (N, k + 1) raw logits on U, fp64 row math below
         ninf = torch.tensor(float("-inf"), dtype=torch.float64, device=h.device)
@@ -113,7 +114,8 @@ class _SparseKDCEChunked(torch.autograd.Function):
                 dh = dh + c.to(dt)[:, None] * pw
             dh = dh.to(ctx.in_dtypes[0])
         if ctx.needs_input_grad[1]:
-            dw = _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, ctx.scales, ctx.opts.chunk_size)
+            dw = _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, ctx.scales,
+                               vocab_chunk(h.shape[0], ctx.opts.chunk_size))  # fmt: skip
             dw = dw.to(ctx.in_dtypes[1])
         return dh, dw, None, None, None, None, None, None
 
@@ -124,13 +126,14 @@ def _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, scales, chunk):
     dense = [c.to(dt) for c in dense]
     log_u = [x.to(dt) for x in log_u]
     dw = torch.empty(weight.shape, dtype=dt, device=h.device)
+    kc = KByChunk(u_idx, u_valid, chunk)
     for v0 in range(0, weight.shape[0], chunk):
         s = h @ weight[v0 : v0 + chunk].to(dt).t()  # (N, C) raw logits
         g = torch.zeros_like(s)
         for c, lo, sc in zip(dense, log_u, scales):
             lo_safe = torch.where(torch.isfinite(lo), lo, 0.0)
             g += c[:, None] * (s * sc - lo_safe[:, None]).exp()
-        g.view(-1).index_fill_(0, chunk_k_flat(u_idx, u_valid, v0, s.shape[1]), 0.0)
+        g.view(-1).index_fill_(0, kc.flat(v0, s.shape[1]), 0.0)
         dw[v0 : v0 + chunk] = g.t() @ h
     dw.index_add_(0, u_idx.reshape(-1), (sparse.to(dt)[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
     return dw

@@ -181,3 +181,25 @@ def test_empty_batch(impl):
     assert float(loss.detach()) == 0.0 and h.grad.shape == (0, 8)
     ids, lp, lse = topk_logprobs(h.detach(), w, 3, temperatures=(1.0, 2.0), impl=impl)
     assert ids.shape == lp.shape == (0, 3) and lse.shape == (0, 2)
+
+
+def test_k_ids_grouped_by_chunk_mask_exactly_the_k_columns_of_each_chunk():
+    from ssb_kernels.chunked import KByChunk, vocab_chunk
+
+    g = torch.Generator().manual_seed(0)
+    for n, v, k, c in [(7, 1001, 5, 97), (5, 64, 64, 24), (3, 100, 1, 1000), (0, 50, 3, 7)]:
+        idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)]) if n else torch.zeros(0, k).long()
+        valid = torch.rand(n, k, generator=g) > 0.2
+        kc = KByChunk(idx, valid, c)
+        for v0 in range(0, v, c):
+            width = min(c, v - v0)
+            want = torch.zeros(n, width, dtype=torch.bool)  # brute force: the valid K ids inside this chunk
+            for r, j in zip(*torch.nonzero(valid, as_tuple=True)):
+                if v0 <= idx[r, j] < v0 + width:
+                    want[r, idx[r, j] - v0] = True
+            got = torch.zeros(n * width, dtype=torch.bool)
+            got[kc.flat(v0, width)] = True
+            assert torch.equal(got.view(n, width), want), (n, v, k, c, v0)
+    # the chunk width shrinks with the rows so the (N, C) buffer stays at CHUNK_ELEMS, within [MIN_CHUNK, chunk_size]
+    assert vocab_chunk(2048, 4096) == 2048 and vocab_chunk(8192, 4096) == 512 and vocab_chunk(10**6, 4096) == 128
+    assert vocab_chunk(16, 97) == 97
