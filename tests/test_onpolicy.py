@@ -7,20 +7,17 @@ Selection runs on the scripted rollouts of tests/test_curation.py; a reduced two
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from run_helpers import run_two_rounds
 from test_curation import PROBLEMS, make_run
 
 from ssb.config import ConfigError, load_config
 from ssb.core.files import InputError
 from ssb.onpolicy import SAMPLE_COUNTS, STATUSES, run, select_sequences
-from ssb.run.plan import STAGES, expand
 from ssb.train.loop import check_one_teacher
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
@@ -100,12 +97,7 @@ REDUCED = ["data.limit=16", "curate.target_pairs=6", "curate.attempts=4", "train
 @pytest.mark.slow
 def test_ssb_then_on_policy_from_the_ssb_student_end_to_end(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "ssb", "run", "--config", str(CONFIG), f"run_dir={out}", *REDUCED]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    stages = json.loads((out / "run.json").read_text())["stages"]
-    assert {k: v["status"] for k, v in stages.items()} == {s.name: "done" for s in expand(STAGES, 2)}
+    run_two_rounds(out, CONFIG, REDUCED)
     round2 = out / "round2"
     s1 = json.loads((out / "curate/curation_stats.json").read_text())
     s2 = json.loads((round2 / "curate/curation_stats.json").read_text())

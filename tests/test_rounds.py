@@ -1,13 +1,11 @@
 """Iterated bootstrapping (``rounds=R``): the stage plan, its hashes, and a reduced two-round ``ssb run``."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import run_two_rounds
 
 from ssb.config import load_config
 from ssb.run.plan import STAGES, expand
@@ -56,12 +54,7 @@ def _model_of(stage_dir: Path) -> str:
 @pytest.mark.slow
 def test_two_rounds_roll_out_from_the_student_and_train_on_every_round(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "ssb", "run", "--config", str(CONFIG), f"run_dir={out}", *REDUCED]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    stages = json.loads((out / "run.json").read_text())["stages"]
-    assert {k: v["status"] for k, v in stages.items()} == {s.name: "done" for s in expand(STAGES, 2)}
+    run_two_rounds(out, CONFIG, REDUCED)
 
     base = _model_of(out / "rollout")
     round2 = out / "round2"
