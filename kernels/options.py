@@ -64,12 +64,33 @@ class TopkOptions:
                 raise ValueError(f"every temperature must be a finite float > 0, got {t!r}")
 
 
-def check_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Resolve ``impl`` ("auto" -> triton on CUDA, chunked elsewhere and for float64, e.g. gradcheck)."""
+# impl="auto" off CUDA: eager (full logits) is faster than chunked for small heads. Measured by bench/kd_auto.py
+# (bench/results/kd_auto.json, 2-core AMD EPYC, fwd+bwd, H=256, min of 3 alternating calls, on a loaded machine):
+# at V=795 (the toy) eager won at every N (1.6-7.7x); below N x V = 2^22 eager won or tied (N=64 at V=49,152:
+# 1.44x; N=256 at V=4,096: 1.28x); from N x V = 2^22 on chunked won (N=256 at V=16,384: 0.85x; N=1,024 at
+# V=4,096: 0.64x; N=1,024 at V=49,152: 0.41x). The eager logits then stay under 16 MB (fp32).
+AUTO_EAGER_VOCAB = 1024
+AUTO_EAGER_NV = 1 << 22
+
+
+def head_shape(hidden: torch.Tensor, weight: object) -> tuple[int | None, int | None]:
+    """(N, V) of a loss call for ``check_impl``'s "auto" rule (None where the inputs are not 2-D tensors yet)."""
+    ok = isinstance(weight, torch.Tensor) and hidden.dim() == 2 and weight.dim() == 2
+    return (hidden.shape[0], weight.shape[0]) if ok else (None, None)
+
+
+def check_impl(
+    impl: str, device: torch.device, dtype: torch.dtype | None = None, n: int | None = None, v: int | None = None
+) -> str:
+    """Resolve ``impl``: "auto" is triton on CUDA; elsewhere (and for float64, e.g. gradcheck) eager when the head
+    is small (V <= AUTO_EAGER_VOCAB or N x V < AUTO_EAGER_NV, when ``n`` and ``v`` are given), else chunked."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "chunked"
+        if device.type == "cuda" and dtype != torch.float64:
+            return "triton"
+        small = v is not None and n is not None and (v <= AUTO_EAGER_VOCAB or n * v < AUTO_EAGER_NV)
+        return "eager" if small else "chunked"
     return impl
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .chunked import KByChunk, exact_offk, gathered_logits, kd_coefficients, sparse_matvec, vocab_chunk
 from .options import KDOptions, check_impl, check_kd_inputs
+from .options import head_shape as _nv
 from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
 
 
@@ -169,7 +170,7 @@ def sparse_kd_ce_loss(
                      beta=beta)  # fmt: skip
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    impl = check_impl(impl, hidden.device, hidden.dtype)
+    impl = check_impl(impl, hidden.device, hidden.dtype, *_nv(hidden, weight))
     check_kd_inputs(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, finite=impl != "triton")
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):

@@ -162,13 +162,18 @@ def test_option_errors(kwargs, match):
         topk_logprobs(x["hidden"], x["weight"], 41)
 
 
-def test_auto_is_chunked_on_cpu_and_frozen_head_gets_no_grad():
-    x = make_case(Case("auto", n=4, h=8, v=40, k=4), torch.float32)
-    h = x["hidden"].requires_grad_(True)
-    loss = sparse_kd_loss(h, x["weight"], x["topk_ids"], x["topk_logprobs"])
-    assert type(loss.grad_fn).__name__.startswith("_SparseKDChunked")
-    loss.backward()
-    assert x["weight"].grad is None and h.grad is not None
+def test_auto_on_cpu_is_eager_for_small_heads_chunked_for_large_and_frozen_head_gets_no_grad():
+    from ssb_kernels.options import AUTO_EAGER_NV
+
+    # (n, v): a toy-sized vocabulary at any N, N x V just under 2^22 -> eager; N x V = 2^22 with V > 1024 -> chunked
+    for (n, v), fused in [((4, 40), False), ((8192, 795), False), ((255, 16384), False), ((256, 16384), True)]:
+        x = make_case(Case("auto", n=n, h=8, v=v, k=4), torch.float32)
+        h = x["hidden"].requires_grad_(True)
+        loss = sparse_kd_loss(h, x["weight"], x["topk_ids"], x["topk_logprobs"])
+        assert type(loss.grad_fn).__name__.startswith("_SparseKDChunked") == fused, (n, v, n * v >= AUTO_EAGER_NV)
+        loss.backward()
+        assert x["weight"].grad is None and h.grad is not None
+        assert torch.isfinite(h.grad).all() and float(h.grad.norm()) > 0
     assert opts_of(CASES[0]).chunk_size > 0
 
 
