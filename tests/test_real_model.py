@@ -118,3 +118,32 @@ def test_capture_train_and_eval_run_on_the_real_model(smollm2_dir, tmp_path):
         agg = res["benchmarks"][str(data)]["aggregates"]
         assert agg["n_problems"] == 2 and set(agg["pass@1_by_mode"]) == {"strict", "flexible"}
         assert res["protocol"]["grading"] == "flexible"
+
+
+def test_on_policy_reverse_kl_qlora_on_the_real_model(smollm2_dir, tmp_path):
+    """distill.source=on_policy on the real model: rollouts the test writes (two outcomes per problem), the
+    student's samples scored by the hinted teacher, then a QLoRA student trained with reverse KL."""
+    data, run = tmp_path / "add.jsonl", tmp_path / "run"
+    rows = _problems(data)
+    (run / "rollout").mkdir(parents=True)
+    (run / "rollout" / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rolls = []
+    for r, (a, b) in zip(rows, PAIRS):
+        for s, (ans, ok) in enumerate([(a + b, True), (a - b, False), (a + b, True), (a * b, False)]):
+            rolls.append({"id": r["id"], "sample": s, "text": f"Tom has {a} and gets {b}, so {ans} pens.",
+                          "answer": str(ans), "correct": ok, "finish_reason": "stop"})  # fmt: skip
+    (run / "rollout" / "rollouts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rolls))
+    (run / "rollout" / "rollout_stats.json").write_text("{}")
+    over = [*_over(run, smollm2_dir, data), "distill.source=on_policy", "train.divergence=reverse_kl",
+            "train.qlora=true", "train.max_steps=2"]  # fmt: skip
+    for stage in ("curate", "capture", "train"):
+        assert main([stage, "--config", "configs/smollm2_gsm8k.yaml", *over]) == 0, stage
+    stats = json.loads((run / "curate" / "curation_stats.json").read_text())
+    assert stats["sequences"] == 4 * len(PAIRS)  # every sample: each has another correct and another wrong one
+    manifest = json.loads((run / "capture" / "manifest.json").read_text())
+    assert manifest["distilled"]["source"] == "on_policy" and manifest["counts"]["examples"] == 4 * len(PAIRS)
+    assert manifest["teacher"]["model"] == str(smollm2_dir)
+    facts = json.loads((run / "train" / "train_facts.json").read_text())
+    metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["kd_loss"]) and m["kd_loss"] > 0 for m in metrics), metrics
+    assert facts["qlora"] is True and facts["quantised_linear_layers"] > 0, facts  # the base really was 4-bit
