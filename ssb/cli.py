@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from", dest="from_stage", default=None, help="force a restart from this stage")
         if name == "demo":
             p.add_argument("--out", default=None, help="run directory for the demo")
+            p.add_argument(
+                "--compare-sources",
+                action="store_true",
+                help="SSB vs on-policy (forward/reverse KL) vs SSB-then-on-policy at equal tokens, per seed",
+            )
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-sources seeds")
         if name == "train":
             p.add_argument("--dry-run", action="store_true", help="memory report only: largest sequence that fits")
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -101,6 +107,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from ssb.run.runner import run
 
         return run(cfg, from_stage=args.from_stage)
+    if args.stage == "demo" and args.compare_sources:
+        from ssb.run.compare import compare_sources
+
+        return compare_sources(cfg, args.out or "runs/compare", args.seeds)
     if args.stage == "demo":
         from ssb.run.demo import demo
 

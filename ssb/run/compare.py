@@ -1,0 +1,152 @@
+"""``ssb demo --compare-sources``: SSB against on-policy self-distillation at equal trained tokens (issue 18).
+
+Per seed ``s`` (``seed``, ``rollout.seed``, ``curate.seed`` and ``train.seed`` set to s; the eval seed fixed, so
+the base row is one run) in ``OUT/seed<s>``:
+
+- the demo (:func:`ssb.run.demo.demo`): base, SSB (forward KL on the hinted teacher's robust solutions) and the
+  SFT control;
+- ``op_fkl`` / ``op_rkl``: the demo's own stage-1 rollouts of the base model, every finished sample of a problem
+  with both outcomes scored by the same hinted teacher (``distill.source=on_policy``), trained with forward /
+  reverse KL and otherwise SSB's recipe;
+- ``ssb_op``: round 2 of ``distill.source=both``: rollouts of the SSB student (rollout seed s + 1), scored by the
+  base teacher; a fresh LoRA trained over the SSB pairs plus those sequences (forward KL).
+
+Every on-policy arm trains for the number of steps that matches the SSB student's distilled tokens (within a
+step) and records what it trained on. Its student is merged and evaluated like the demo's. Writes
+``OUT/compare.json`` and ``OUT/compare.md`` (pass@1 with 95% CIs, paired differences to base and to SSB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from ssb.config import SSBConfig
+from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
+from ssb.core.layout import RunLayout
+
+ARMS = {  # name: (train.divergence, rolled out by the SSB student)
+    "op_fkl": ("forward_kl", False),
+    "op_rkl": ("reverse_kl", False),
+    "ssb_op": ("forward_kl", True),
+}
+
+
+def trained_tokens(metrics: Path) -> int:
+    return sum(rec.get("distilled_tokens", 0) for _, rec in iter_jsonl(metrics))
+
+
+def seed_config(cfg: SSBConfig, seed: int, run_dir: Path) -> SSBConfig:
+    r = dataclasses.replace
+    return r(cfg, run_dir=str(run_dir), seed=seed, rollout=r(cfg.rollout, seed=seed),
+             curate=r(cfg.curate, seed=seed), train=r(cfg.train, seed=seed))  # fmt: skip
+
+
+def run_arm(cfg: SSBConfig, demo_dir: Path, name: str, target_tokens: int) -> dict:
+    """One on-policy arm in ``demo_dir/name`` (see module docstring); returns what it trained on and its times."""
+    from ssb import capture, onpolicy, rollout, train
+    from ssb.core.models import merged_model
+    from ssb.eval import evaluate
+    from ssb.store import TeacherStore
+
+    divergence, from_student = ARMS[name]
+    r = dataclasses.replace
+    cfg = r(cfg, run_dir=str(demo_dir / name), distill=r(cfg.distill, source="on_policy"),
+            train=r(cfg.train, divergence=divergence, extra_runs=(str(demo_dir),) if from_student else ()))  # fmt: skip
+    layout, times = RunLayout(cfg.run_dir), {}
+    t = time.perf_counter()
+    if from_student:  # the SSB student's own rollouts
+        student = r(cfg.model, name_or_path=str(RunLayout(demo_dir).student))
+        rollout.run(r(cfg, model=student, rollout=r(cfg.rollout, seed=cfg.rollout.seed + 1)))
+    elif not layout.rollouts.exists():
+        shutil.copytree(RunLayout(demo_dir).rollout, layout.rollout)  # the base model's stage-1 rollouts
+    times["rollout"] = time.perf_counter() - t
+    onpolicy.run(cfg)
+    t = time.perf_counter()
+    capture.run(cfg)
+    times["capture"] = time.perf_counter() - t
+    stores = [TeacherStore(layout.store)] + [TeacherStore(RunLayout(d).store) for d in cfg.train.extra_runs]
+    rows = sum(s.manifest["counts"]["rows"] for s in stores)
+    examples = sum(s.manifest["counts"]["examples"] for s in stores)
+    steps = max(1, round(target_tokens / (rows / math.ceil(examples / cfg.train.batch_size))))
+    t = time.perf_counter()
+    train.run(r(cfg, train=r(cfg.train, max_steps=steps)))
+    times["train"] = time.perf_counter() - t
+    merged = merged_model(cfg.model, layout.adapter(), layout.merged("train"))
+    t = time.perf_counter()
+    evaluate(r(cfg.model, name_or_path=str(merged)), cfg.engine, cfg.eval, layout.eval / name, label=name,
+             grading=cfg.grading.mode)  # fmt: skip
+    times["eval"] = time.perf_counter() - t
+    stats = json.loads(layout.curate_stats.read_text())
+    return {"sequences": stats["sequences"], "sample_counts": stats["sample_counts"], "train_examples": examples,
+            "steps": steps, "trained_tokens": trained_tokens(layout.metrics()), "seconds": times,
+            "results": str(layout.results(name))}  # fmt: skip
+
+
+def run_seed(cfg: SSBConfig, out: Path, seed: int) -> dict:
+    from ssb.run.demo import demo
+
+    demo_dir = out / f"seed{seed}"
+    scfg = seed_config(cfg, seed, demo_dir)
+    t = time.perf_counter()
+    if demo(scfg) != 0:
+        raise RuntimeError(f"seed {seed}: the demo stopped before its report (see {demo_dir}/run.json)")
+    res = {"seed": seed, "demo_seconds": time.perf_counter() - t,
+           "ssb_trained_tokens": trained_tokens(RunLayout(demo_dir).metrics())}  # fmt: skip
+    report = json.loads(RunLayout(demo_dir).report("json").read_text())
+    res.update(pairs=report["pairs"], stage_seconds=report["stage_seconds"], arms={})
+    for name in ARMS:
+        res["arms"][name] = run_arm(scfg, demo_dir, name, res["ssb_trained_tokens"])
+    return res
+
+
+def _diff(res: dict, bench: str, ref: str, k: str) -> str:
+    """Paired difference of model ``k`` to ``ref`` in points, with its 95% CI ("" against itself, and base vs SSB)."""
+    from ssb.eval.stats import compare
+
+    if k == ref or (ref == "ssb" and k == "base"):
+        return ""
+    t = compare(res[ref], res[k])["benchmarks"][bench]
+    return f"{100 * t['diff']:+.1f} ({100 * t['diff_ci'][0]:+.1f}, {100 * t['diff_ci'][1]:+.1f})"
+
+
+def table(out: Path, seeds: list[dict]) -> str:
+    """Markdown: per seed and model, what it trained on, tokens, pass@1 [95% CI], paired differences."""
+    from ssb.eval.stats import load_results
+
+    rows = ["| seed | model | trained on | tokens | pass@1 [95% CI] | vs base (95% CI) | vs SSB (95% CI) |",
+            "|---|---|---|---:|---|---|---|"]  # fmt: skip
+    for s in seeds:
+        d = out / f"seed{s['seed']}"
+        paths = {k: RunLayout(d).results(k) for k in ("base", "ssb", "sft")}
+        paths.update({k: Path(v["results"]) for k, v in s["arms"].items()})
+        res = {k: load_results(p) for k, p in paths.items()}
+        bench = next(iter(res["base"]["benchmarks"]))
+
+        for k, r in res.items():
+            p1 = r["benchmarks"][bench]["aggregates"]["pass@k"]["1"]
+            arm = s["arms"].get(k, {})
+            what = {"base": "-", "ssb": f"{s['pairs']} robust solutions", "sft": f"{s['pairs']} solutions (CE)"}.get(
+                k, f"{arm.get('sequences')} own samples" + (" + the SSB pairs" if k == "ssb_op" else "")
+            )
+            tok = s["ssb_trained_tokens"] if k in ("ssb", "sft") else arm.get("trained_tokens", "")
+            lo, hi = p1["ci"]
+            cells = [_diff(res, bench, ref, k) for ref in ("base", "ssb")]
+            rows.append(f"| {s['seed']} | {k} | {what} | {tok} | {100 * p1['value']:.1f} [{100 * lo:.1f}, "
+                        f"{100 * hi:.1f}] | {cells[0]} | {cells[1]} |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+def compare_sources(cfg: SSBConfig, out: str | Path, seeds: list[int]) -> int:
+    out = Path(out)
+    done = []
+    for seed in seeds:
+        done.append(run_seed(cfg, out, seed))
+        atomic_write_json(out / "compare.json", done)
+        atomic_write_text(out / "compare.md", table(out, done))
+        print((out / "compare.md").read_text(), flush=True)
+    return 0
