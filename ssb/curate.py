@@ -32,10 +32,10 @@ from ssb.core.files import (
     sha256_file,
     weights_stamp,
 )
-from ssb.core.grading import cluster_answers, grade
+from ssb.core.grading import grade
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import prompt_ids, student_messages, teacher_messages
-from ssb.core.rollouts import read_rollouts
+from ssb.core.rollouts import read_rollouts, wrong_answer_groups
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
 
 DECISIONS = "decisions.jsonl"  # private: one line per generated candidate (audit log, resume point)
@@ -62,15 +62,11 @@ def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, 
     """
     done = sorted((r for r in rollouts if r["finish_reason"] == "stop"), key=lambda r: r["sample"])
     correct = [r for r in done if r["correct"]]
-    wrong = [r for r in done if not r["correct"] and r.get("answer") is not None]
     if not correct:
         return "no_correct", None
-    if not wrong:
+    groups = wrong_answer_groups(done)
+    if not groups:
         return "no_wrong", None
-    by_cluster: dict[int, list[dict]] = {}  # in order of first appearance
-    for r, c in zip(wrong, cluster_answers([r["answer"] for r in wrong]), strict=True):
-        by_cluster.setdefault(c, []).append(r)
-    groups = list(by_cluster.values())
     top = max(len(g) for g in groups)
     tied = [g for g in groups if len(g) == top]
     rng = random.Random(derive_seed(seed, problem_id, "pair"))

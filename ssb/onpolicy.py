@@ -26,10 +26,9 @@ import sys
 
 from ssb.config import SSBConfig, save_config
 from ssb.core.files import atomic_write_json, atomic_write_jsonl
-from ssb.core.grading import cluster_answers
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import student_messages, teacher_messages
-from ssb.core.rollouts import read_rollouts
+from ssb.core.rollouts import read_rollouts, wrong_answer_groups
 from ssb.engines import derive_seed
 
 # per problem: scored (>= 1 sequence), no_correct / no_wrong (no hint possible), not_reached (over the cap)
@@ -38,22 +37,19 @@ STATUSES = ("kept", "no_correct", "no_wrong", "no_hint", "not_reached")
 SAMPLE_COUNTS = ("scored", "truncated", "no_other_correct", "no_other_wrong", "over_cap")
 
 
-def choose_hint(sample: dict, done: list[dict], rng: random.Random) -> tuple[str, dict | None]:
+def choose_hint(
+    sample: dict, done: list[dict], groups: list[list[dict]], rng: random.Random
+) -> tuple[str, dict | None]:
     """A (correct, wrong) pair of rollouts from ``done`` (finished samples of one problem), neither ``sample``.
 
-    The wrong rollout has an answer and comes from the most common wrong answer that has a member other than
-    ``sample`` (ties: ``rng``). Returns ("ok", hint) or ("no_other_correct" | "no_other_wrong", None)."""
-    others = [r for r in done if r["sample"] != sample["sample"]]
-    correct = [r for r in others if r["correct"]]
+    ``groups`` are the problem's wrong answers (:func:`ssb.core.rollouts.wrong_answer_groups`, counting the sample
+    too); the wrong rollout comes from the most common one that has a member other than ``sample`` (ties:
+    ``rng``). Returns ("ok", hint) or ("no_other_correct" | "no_other_wrong", None)."""
+    correct = [r for r in done if r["correct"] and r["sample"] != sample["sample"]]
     if not correct:
         return "no_other_correct", None
-    wrong_all = [r for r in done if not r["correct"] and r.get("answer") is not None]
-    groups: dict[int, list[dict]] = {}  # clustered over every wrong answer, so "most common" counts the sample too
-    for r, c in zip(wrong_all, cluster_answers([r["answer"] for r in wrong_all]), strict=True):
-        groups.setdefault(c, []).append(r)
-    ranked = sorted(groups.values(), key=len, reverse=True)
-    for size in sorted({len(g) for g in ranked}, reverse=True):
-        tied = [g for g in ranked if len(g) == size]
+    for size in sorted({len(g) for g in groups}, reverse=True):
+        tied = [g for g in groups if len(g) == size]
         rng.shuffle(tied)
         for g in tied:
             usable = [r for r in g if r["sample"] != sample["sample"]]
@@ -80,7 +76,8 @@ def select_sequences(cfg: SSBConfig) -> tuple[list[dict], dict]:
         if not any(r["correct"] for r in done):
             status[p["id"]] = "no_correct"
             continue
-        if not any(not r["correct"] and r.get("answer") is not None for r in done):
+        groups = wrong_answer_groups(done)  # once per problem: clustering may call math-verify
+        if not groups:
             status[p["id"]] = "no_wrong"
             continue
         mixed += 1
@@ -90,7 +87,8 @@ def select_sequences(cfg: SSBConfig) -> tuple[list[dict], dict]:
             if cap is not None and len(seqs) >= cap:
                 counts["over_cap"] += 1
                 continue
-            verdict, hint = choose_hint(r, done, random.Random(derive_seed(cfg.curate.seed, p["id"], r["sample"])))
+            rng = random.Random(derive_seed(cfg.curate.seed, p["id"], r["sample"]))
+            verdict, hint = choose_hint(r, done, groups, rng)
             if hint is None:
                 counts[verdict] += 1
                 continue

@@ -6,6 +6,7 @@ Shared by the stages that select what to distil from the rollouts (``ssb.curate`
 from __future__ import annotations
 
 from ssb.core.files import InputError, iter_jsonl
+from ssb.core.grading import cluster_answers
 from ssb.core.layout import RunLayout
 
 _ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
@@ -34,3 +35,13 @@ def read_rollouts(layout: RunLayout) -> tuple[list[dict], dict[str, list[dict]]]
             raise InputError(f"{path}:{line}: field 'answer' must be a string or null")
         by_id[rec["id"]].append(rec)
     return problems, by_id
+
+
+def wrong_answer_groups(done: list[dict]) -> list[list[dict]]:
+    """The wrong rollouts of ``done`` that have an answer, grouped by equivalent answer
+    (:func:`ssb.core.grading.cluster_answers`), groups and members in order of first appearance."""
+    wrong = [r for r in done if not r["correct"] and r.get("answer") is not None]
+    groups: dict[int, list[dict]] = {}
+    for r, c in zip(wrong, cluster_answers([r["answer"] for r in wrong]), strict=True):
+        groups.setdefault(c, []).append(r)
+    return list(groups.values())
