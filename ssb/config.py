@@ -225,16 +225,17 @@ def validate(cfg: SSBConfig) -> SSBConfig:
     ]:
         if not (t > 0 and math.isfinite(t)):
             raise ConfigError(f"{key}: expected a temperature > 0, got {t!r}")
-    if cfg.rounds < 1:
-        raise ConfigError(f"rounds: expected >= 1, got {cfg.rounds}")
-    if cfg.distill.source == "both" and cfg.rounds < 2:
-        raise ConfigError("distill.source: 'both' is SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2")
-    for key, bad in [("train.variant", cfg.train.variant == "renorm" and cfg.train.divergence != "forward_kl"),
-                     ("train.jsd_beta", not 0.0 < cfg.train.jsd_beta < 1.0),
-                     ("distill.max_sequences", cfg.distill.max_sequences < 0)]:  # fmt: skip
+    for key, bad, rule in [
+        ("rounds", cfg.rounds < 1, "expected >= 1"),
+        ("distill.source", cfg.distill.source == "both" and cfg.rounds < 2,
+         "SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2"),
+        ("train.variant", cfg.train.variant == "renorm" and cfg.train.divergence != "forward_kl",
+         f"renorm is defined for forward_kl only, not train.divergence={cfg.train.divergence}; use tail"),
+        ("train.jsd_beta", not 0.0 < cfg.train.jsd_beta < 1.0, "expected a value strictly between 0 and 1"),
+        ("distill.max_sequences", cfg.distill.max_sequences < 0, "expected >= 0 (0: all)"),
+    ]:  # fmt: skip
         if bad:
-            raise ConfigError(f"{key}: got {_get(cfg, key)!r}; renorm is forward_kl only, jsd_beta lies in (0, 1), "
-                              "max_sequences >= 0 (0: all)")  # fmt: skip
+            raise ConfigError(f"{key}: {rule}, got {_get(cfg, key)!r}")
     t = cfg.train.kd_temperature
     if cfg.train.kd_weight != 0 and t not in cfg.capture.temperatures and not cfg.train.approximate_c_t:
         raise ConfigError(

@@ -253,16 +253,11 @@ def _toy_rows(split: str | None, limit: int | None) -> Iterator[Row]:
         yield f"toy[{split}] row {i}", f"toy/{split}/{i}", rec, None
 
 
-def arith_easy_levels() -> tuple[int, ...]:
+def _arith_rows(split: str | None, limit: int | None, easy: bool = False) -> Iterator[Row]:
+    """``arith`` problems of ``split``; with ``easy``, only its EASY_LEVELS (ids keep their index in the split)."""
     from ssb.core import arith
 
-    return arith.EASY_LEVELS
-
-
-def _arith_rows(split: str | None, limit: int | None, levels: tuple[int, ...] | None = None) -> Iterator[Row]:
-    """``arith`` problems of ``split``; with ``levels``, only those levels (ids keep their index in the split)."""
-    from ssb.core import arith
-
+    levels = arith.EASY_LEVELS if easy else None
     split = split or "test"
     if split not in arith.SIZES:
         raise InputError(f"arith: no split {split!r} (has {sorted(arith.SIZES)})")
@@ -295,7 +290,7 @@ def _rows(
     if key in ("arith", "arith_val"):  # generated arithmetic word problems (ssb.core.arith); arith_val for tuning
         return _arith_rows("val" if key == "arith_val" else split, limit), None, "arith"
     if key in ("arith_easy", "arith_easy_val"):  # its levels 1-3 (one-step, single digits)
-        return _arith_rows("val" if key.endswith("_val") else split, limit, arith_easy_levels()), None, "arith_easy"
+        return _arith_rows("val" if key.endswith("_val") else split, limit, easy=True), None, "arith_easy"
     name = key if key in HUB else _BY_PATH.get(key)
     spec = HUB.get(name) if name else None
     path = Path(source).expanduser()

@@ -15,7 +15,7 @@ from typing import Any
 
 from ssb.config import SSBConfig
 from ssb.core.layout import RunLayout
-from ssb.run.rounds import ROUND_STAGES, round_config, round_students
+from ssb.run.rounds import ROUND_STAGES, round_config, round_source, round_students
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ def _rollout(cfg: SSBConfig, **options: Any) -> int:
 
 
 def _curate(cfg: SSBConfig, **options: Any) -> int:
-    """Robust solutions (SSB, ``ssb.curate``) or the student's own samples (``ssb.onpolicy``), by
-    ``distill.source`` (``both`` was resolved per round by ``round_config``; as a plain stage it is round 1)."""
-    if cfg.distill.source == "on_policy":
+    """Robust solutions (SSB, ``ssb.curate``) or the student's own samples (``ssb.onpolicy``), by ``distill.source``
+    (this plain stage is round 1; later rounds get a config ``round_config`` already resolved)."""
+    if round_source(cfg, 1) == "on_policy":
         from ssb import onpolicy
 
         return onpolicy.run(cfg, **options)
