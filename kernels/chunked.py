@@ -80,19 +80,17 @@ class KByChunk:
     """Each row's valid K ids grouped by vocabulary chunk once (one sort of N k entries), so masking K in chunk
     [v0, v0 + c) costs a slice and an index_fill on its own entries, not an (N, k) pass per chunk."""
 
-    def __init__(self, idx: torch.Tensor, valid: torch.Tensor, chunk: int) -> None:
+    def __init__(self, idx: torch.Tensor, valid: torch.Tensor, chunk: int, vocab_size: int) -> None:
         rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
         ids = idx[valid]
         order = torch.argsort(ids)
         self.rows, self.ids, self.chunk = rows[order], ids[order], chunk
-        n_chunks = -(-int(idx.max()) // chunk) + 2 if idx.numel() else 1
-        edges = torch.arange(n_chunks + 1, device=idx.device) * chunk
+        edges = torch.arange(0, vocab_size + chunk, chunk, device=idx.device)  # one edge past the last chunk
         self.bounds = torch.searchsorted(self.ids, edges).tolist()  # ids sorted: chunk j is bounds[j]:bounds[j+1]
 
     def flat(self, v0: int, c: int) -> torch.Tensor:
         """Flat positions, in the (N, c) chunk starting at vocabulary row ``v0``, of the valid K ids there."""
-        j = v0 // self.chunk
-        lo, hi = (self.bounds[j], self.bounds[j + 1]) if j + 1 < len(self.bounds) else (0, 0)
+        lo, hi = self.bounds[v0 // self.chunk], self.bounds[v0 // self.chunk + 1]
         return self.rows[lo:hi] * c + (self.ids[lo:hi] - v0)
 
 
@@ -111,7 +109,7 @@ def stream_offk(h, weight, chunk, with_pw, idx, valid, off_max=False, scales=(1.
     m = [h.new_full((n,), float("-inf")) for _ in scales]
     l_off = [h.new_zeros(n) for _ in scales]
     acc = [h.new_zeros(n, weight.shape[1]) if with_pw else None for _ in scales]
-    kc = KByChunk(idx, valid, chunk)
+    kc = KByChunk(idx, valid, chunk, weight.shape[0])
     buf = h.new_empty(n * min(chunk, weight.shape[0]))  # one chunk buffer for the whole pass: no per-chunk malloc
     for v0 in range(0, weight.shape[0], chunk):
         wc = weight[v0 : v0 + chunk].to(h.dtype)  # (C, H)
@@ -216,8 +214,8 @@ class _SparseKDChunked(torch.autograd.Function):
         v = weight.shape[0]
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t
         s_k = gathered_logits(h, weight, idx).mul_(1.0 / T)  # (N, k) student logits z/T on K
-        loss, a, b = h.new_empty(h.shape[0]), s_k.new_empty(h.shape[0], dtype=torch.float64), torch.empty_like(
-            s_k, dtype=torch.float64)  # fmt: skip
+        loss = h.new_empty(h.shape[0])  # (N,) and the fp64 gradient coefficients a (N,), b (N, k), filled by blocks
+        a, b = s_k.new_empty(h.shape[0], dtype=torch.float64), torch.empty_like(s_k, dtype=torch.float64)
         for r in range(0, h.shape[0], ROW_MATH_ROWS):  # fp64 row math in blocks: its temporaries stay small
             sl = slice(r, r + ROW_MATH_ROWS)
             # (R, k) student log p on K, (R,) its off-K log mass summed directly; both fp64
@@ -257,7 +255,7 @@ class _SparseKDChunked(torch.autograd.Function):
             wa, wb = (wa * T).to(dt), (wb * T).to(dt)
             dw32 = torch.empty(weight.shape, dtype=dt, device=h.device)
             chunk = vocab_chunk(h.shape[0], opts.chunk_size)
-            kc = KByChunk(idx, valid, chunk)
+            kc = KByChunk(idx, valid, chunk, weight.shape[0])
             for v0 in range(0, weight.shape[0], chunk):
                 wc = weight[v0 : v0 + chunk].to(dt)
                 p = (h @ wc.t()).sub_(log_off[:, None]).exp_()  # (N, C) = p_v / p_t

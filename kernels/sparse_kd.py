@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import KDOptions, check_impl, check_kd_inputs
-from .options import head_shape as _nv
+from .options import KDOptions, check_impl, check_kd_inputs, head_shape
 
 
 def sparse_kd_loss(
@@ -42,7 +41,7 @@ def sparse_kd_loss(
                      beta=beta)  # fmt: skip
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    impl = check_impl(impl, hidden.device, hidden.dtype, *_nv(hidden, weight))
+    impl = check_impl(impl, hidden.device, hidden.dtype, *head_shape(hidden, weight))
     check_kd_inputs(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, finite=impl != "triton")
     if impl == "eager":
         from .reference import sparse_kd_eager

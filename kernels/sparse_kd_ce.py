@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import KByChunk, exact_offk, gathered_logits, kd_coefficients, sparse_matvec, vocab_chunk
-from .options import KDOptions, check_impl, check_kd_inputs
-from .options import head_shape as _nv
+from .options import KDOptions, check_impl, check_kd_inputs, head_shape
 from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
 
 
@@ -127,7 +126,7 @@ def _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, scales, chunk):
     dense = [c.to(dt) for c in dense]
     log_u = [x.to(dt) for x in log_u]
     dw = torch.empty(weight.shape, dtype=dt, device=h.device)
-    kc = KByChunk(u_idx, u_valid, chunk)
+    kc = KByChunk(u_idx, u_valid, chunk, weight.shape[0])
     for v0 in range(0, weight.shape[0], chunk):
         s = h @ weight[v0 : v0 + chunk].to(dt).t()  # (N, C) raw logits
         g = torch.zeros_like(s)
@@ -170,7 +169,7 @@ def sparse_kd_ce_loss(
                      beta=beta)  # fmt: skip
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    impl = check_impl(impl, hidden.device, hidden.dtype, *_nv(hidden, weight))
+    impl = check_impl(impl, hidden.device, hidden.dtype, *head_shape(hidden, weight))
     check_kd_inputs(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, finite=impl != "triton")
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):

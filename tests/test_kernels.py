@@ -195,7 +195,7 @@ def test_k_ids_grouped_by_chunk_mask_exactly_the_k_columns_of_each_chunk():
     for n, v, k, c in [(7, 1001, 5, 97), (5, 64, 64, 24), (3, 100, 1, 1000), (0, 50, 3, 7)]:
         idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)]) if n else torch.zeros(0, k).long()
         valid = torch.rand(n, k, generator=g) > 0.2
-        kc = KByChunk(idx, valid, c)
+        kc = KByChunk(idx, valid, c, v)
         for v0 in range(0, v, c):
             width = min(c, v - v0)
             want = torch.zeros(n, width, dtype=torch.bool)  # brute force: the valid K ids inside this chunk
