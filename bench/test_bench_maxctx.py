@@ -3,7 +3,9 @@
 GPU: a Qwen2.5-3B-shaped random-weight QLoRA student (configs/qwen2.5_3b_config.json, NF4 base, k = 64) under
 ``torch.cuda.set_per_process_memory_fraction`` = 24 GiB ("max context on a 24 GiB card"); each run is a child
 process so the memory cap never leaks into other benchmarks. CPU (not with --quick): the toy body with a
-32,768-token vocabulary under a 2 GiB peak-RSS cap, every probe a fresh process (see ssb/train_dryrun.py).
+32,768-token vocabulary under a 2 GiB peak-RSS cap, and the real SmolLM2-135M-Instruct (its own weights, fp32,
+LoRA and QLoRA) under an 8 GiB cap up to its 8,192-position context; every probe a fresh process (see
+ssb/train/dryrun.py).
 Figures: ``max_seq_len_tokens`` (gated by bench/check.py: lower is worse) and the peak at that length.
 """
 
@@ -24,10 +26,10 @@ TOY_32K = {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 768, 
            "tie_word_embeddings": True}  # fmt: skip
 
 
-def _dry_run(tmp_path: Path, arch: str, cap_gib: float, dtype: str, qlora: bool, timeout: float) -> dict:
+def _dry_run(tmp_path: Path, arch: str, cap_gib: float, dtype: str, qlora: bool, timeout: float, *extra) -> dict:
     """``python -m ssb train --dry-run`` in a child process; returns its dry_run.json."""
     overrides = [f"run_dir={tmp_path}", f"train.dry_run_config={arch}", f"train.dry_run_mem_gib={cap_gib}",
-                 f"model.dtype={dtype}", f"train.qlora={str(qlora).lower()}", "capture.k=64"]  # fmt: skip
+                 f"model.dtype={dtype}", f"train.qlora={str(qlora).lower()}", "capture.k=64", *extra]  # fmt: skip
     cmd = [sys.executable, "-m", "ssb", "train", "--dry-run", *overrides]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
     if out.returncode != 0:
@@ -62,3 +64,14 @@ def test_max_context_cpu_toy_32k_vocab(bench_record, quick, tmp_path):
     arch.write_text(json.dumps(TOY_32K))
     report = _dry_run(tmp_path, str(arch), 2.0, "float32", False, timeout=600)
     _record(bench_record, report, "toy-32k-vocab-lora", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the suite measures the 3B shape")
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_max_context_cpu_real_smollm2_8gib(bench_record, quick, tmp_path, smollm2_dir, qlora):
+    if quick:
+        pytest.skip("probes of up to 8,192 tokens on a 135M model take minutes each on CPU; run without --quick")
+    if qlora:
+        pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    report = _dry_run(tmp_path, "pretrained", 8.0, "float32", qlora, 3600, f"model.name_or_path={smollm2_dir}")
+    _record(bench_record, report, f"smollm2-135m-{'qlora' if qlora else 'lora'}", "cpu")

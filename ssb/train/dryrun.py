@@ -1,16 +1,20 @@
 """``ssb train --dry-run``: the largest training sequence that fits a memory cap, fused vs eager loss.
 
 Builds the architecture of ``train.dry_run_config`` (a config.json such as ``configs/qwen2.5_3b_config.json``,
-or ``model`` for ``model.name_or_path``'s own config) with random weights, the trainer's LoRA/QLoRA setup,
-and runs one full training step (forward to hidden states, sparse KD loss on every reply row, backward,
-AdamW step) on one packed example of L tokens (32 prompt + L-32 distilled rows, k = capture.k). L doubles
-until a step fails, then is bisected to 256 tokens.
+or ``model`` for ``model.name_or_path``'s own config) with random weights, or loads ``model.name_or_path``'s
+real weights (``pretrained``), with the trainer's LoRA/QLoRA setup, and runs one full training step (forward to
+hidden states, sparse KD loss on every reply row, backward, AdamW step) on one packed example of L tokens
+(32 prompt + L-32 distilled rows, k = capture.k; token ids and top-k entries are random: memory and time do
+not depend on their values). L doubles until a step fails, then is
+bisected to 256 tokens; on CPU, where every probe measures its peak, the next length is the one a line through
+the last two peaks puts at the cap (safeguarded by bisection), which saves the most expensive probes.
 
 What is measured, honestly:
 - CUDA: the cap is enforced with ``torch.cuda.set_per_process_memory_fraction``; a length fits when the step
   runs without OOM; the figure is ``torch.cuda.max_memory_allocated`` of that step.
 - CPU: nothing can enforce a cap, so every probe runs in a fresh child process and its peak RSS (which
-  includes the ~0.5 GB Python/torch baseline and the model) is compared with the cap. Meant for toy sizes.
+  includes the ~0.5 GB Python/torch baseline and the model) is compared with the cap.
+  Meant for small models (the toy, SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ GRAIN = 256
 PROMPT = 32
 
 
+PRETRAINED = "pretrained"  # train.dry_run_config: the real weights of model.name_or_path
+
+
 def load_arch(cfg: SSBConfig):
     from transformers import AutoConfig
 
-    if cfg.train.dry_run_config == "model":
+    if cfg.train.dry_run_config in ("model", PRETRAINED):
         return AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
     path = Path(cfg.train.dry_run_config)
     try:
@@ -55,7 +62,8 @@ def n_params(arch) -> int:
 
 
 class Prober:
-    """Holds one random-weight student; :meth:`step` runs one training step on a length-L example."""
+    """Holds one student (random weights, or the real ones for ``pretrained``); :meth:`step` runs one training
+    step on a length-L example."""
 
     def __init__(self, cfg: SSBConfig, device: torch.device):
         from ssb.train.model import StudentBody, attach_lora, build_base, lm_head_weight
@@ -63,7 +71,9 @@ class Prober:
         self.cfg, self.device = cfg, device
         self.arch = load_arch(cfg)
         torch.manual_seed(0)
-        base, self.facts = build_base(cfg.model, cfg.train, device, config=self.arch)
+        real = cfg.train.dry_run_config == PRETRAINED
+        base, self.facts = build_base(cfg.model, cfg.train, device, config=None if real else self.arch)
+        self.facts["weights"] = f"pretrained ({cfg.model.name_or_path})" if real else "random"
         peft_model = attach_lora(base, cfg.train)
         peft_model.train()
         self.body = StudentBody(peft_model)
@@ -103,22 +113,49 @@ class Prober:
         self.opt.zero_grad(set_to_none=True)
 
 
-def search(fits, max_len: int) -> int:
-    """Largest multiple of GRAIN in [GRAIN, max_len] with ``fits(L)`` (monotone), 0 if none."""
-    lo, hi = 0, None
-    length = GRAIN
-    while length <= max_len:
-        if fits(length):
-            lo, length = length, length * 2
-        else:
-            hi = length
+def search(fits, max_len: int, propose=None) -> int:
+    """Largest multiple of GRAIN in [GRAIN, max_len] with ``fits(L)`` (monotone), 0 if none.
+
+    ``propose()`` (optional) returns the length it predicts is the largest that fits, from the probes so far
+    (or None). It replaces a doubling step when it is smaller than the doubled length, and every other
+    bisection step (the midpoint in between keeps the search logarithmic when the prediction is poor)."""
+
+    def guess(lo: int, hi: int) -> int | None:
+        g = propose() if propose else None
+        if g is None:
+            return None
+        return min(max(g // GRAIN * GRAIN, lo + GRAIN), hi - GRAIN)
+
+    max_len = max_len // GRAIN * GRAIN
+    if max_len < GRAIN or not fits(GRAIN):
+        return 0
+    lo, length = GRAIN, GRAIN
+    while length < max_len:  # doubling (or the predicted length, when smaller) until a length does not fit
+        nxt = min(2 * length, max_len)
+        g = guess(lo, nxt + GRAIN)
+        length = g if g is not None and g < nxt else nxt
+        if not fits(length):
             break
-    if hi is None:
-        hi = max_len + GRAIN  # everything up to max_len fits
+        lo = length
+    else:
+        return max_len
+    hi = length
+    use_guess = True
     while hi - lo > GRAIN:
-        mid = (lo + hi) // 2 // GRAIN * GRAIN
+        g = guess(lo, hi) if use_guess else None
+        mid = g if g is not None else (lo + hi) // 2 // GRAIN * GRAIN
+        use_guess = not use_guess
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return min(lo, max_len)
+    return lo
+
+
+def line_at_cap(peaks: dict[int, float], cap: float) -> int | None:
+    """The length at which a line through the two longest probes' peaks reaches ``cap`` (None: too few, or flat)."""
+    if len(peaks) < 2:
+        return None
+    (l0, p0), (l1, p1) = sorted(peaks.items())[-2:]
+    slope = (p1 - p0) / (l1 - l0)
+    return None if slope <= 0 else int(l1 + (cap - p1) / slope)
 
 
 def cuda_report(cfg: SSBConfig, impls: dict[str, str]) -> dict:
@@ -188,7 +225,7 @@ def cpu_report(cfg: SSBConfig, impls: dict[str, str], run_dir: Path) -> dict:
             return ok and rss <= cap
 
         t0 = time.perf_counter()
-        best = search(fits, max_len)
+        best = search(fits, max_len, propose=lambda peaks=peaks: line_at_cap(peaks, cap))
         out[name] = {
             "loss_impl": impl,
             "max_seq_len": best,
