@@ -147,3 +147,25 @@ def test_on_policy_reverse_kl_qlora_on_the_real_model(smollm2_dir, tmp_path):
     metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(m["kd_loss"]) and m["kd_loss"] > 0 for m in metrics), metrics
     assert facts["qlora"] is True and facts["quantised_linear_layers"] > 0, facts  # the base really was 4-bit
+
+
+def test_dry_run_prober_trains_the_real_weights(smollm2_dir):
+    """``train.dry_run_config=pretrained`` (the real-model capacity benchmarks) loads SmolLM2's own weights, not a
+    random model of its shape, and one probe step changes only the LoRA parameters."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ssb.config import load_config
+    from ssb.train.dryrun import Prober
+
+    over = [f"model.name_or_path={smollm2_dir}", "train.dry_run_config=pretrained", "model.dtype=float32",
+            "capture.k=8", "train.lora_r=4"]  # fmt: skip
+    prober = Prober(load_config(None, over), torch.device("cpu"))
+    assert prober.facts["weights"].startswith("pretrained") and prober.arch.vocab_size == 49152
+    saved = load_file(str(smollm2_dir / "model.safetensors"))
+    assert torch.equal(prober.weight.detach(), saved["model.embed_tokens.weight"])  # the tied head is the real one
+    lora = {n: p.detach().clone() for n, p in prober.body.named_parameters() if p.requires_grad}
+    prober.step(256, "chunked")
+    after = dict(prober.body.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in lora.items() if "lora_B" in n)
+    assert torch.equal(prober.weight.detach(), saved["model.embed_tokens.weight"])  # frozen
