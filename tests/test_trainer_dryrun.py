@@ -94,7 +94,11 @@ def test_cpu_dry_run_reports_fused_and_eager(tmp_path):
     args += [f"train.dry_run_config={tmp_path / 'arch.json'}", "train.dry_run_mem_gib=64", "capture.k=16"]
     assert ssb_main(args) == 0
     report = json.loads((tmp_path / "train" / "dry_run.json").read_text())
-    assert report["device"] == "cpu" and "peak RSS" in report["measured"]
+    assert (
+        report["device"] == "cpu"
+        and "peak RSS" in report["measured"]
+        and "MALLOC_MMAP_THRESHOLD_" in report["measured"]
+    )
     for name in ("fused", "eager"):
         r = report["results"][name]
         assert r["max_seq_len"] == 512  # a 64 GiB cap holds every length up to max_position_embeddings
