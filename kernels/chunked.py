@@ -35,9 +35,11 @@ GATHER_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
 # Elements of one (N, C) logit chunk: the streamed passes use C = min(chunk_size, CHUNK_ELEMS // N) vocabulary
-# columns (at least MIN_CHUNK), so the chunk buffer and its exp stay at 16 MB in fp32 however long the batch: at
-# N = 2048 that is C = 2048 (the bare-GEMM floor is fastest at 1,024-2,048 here, LOG.md); at N = 8192, C = 512.
-CHUNK_ELEMS = 1 << 22
+# columns (at least MIN_CHUNK), so the chunk buffer and its exp stay at 8 MB in fp32 however long the batch: at
+# N = 2048 that is C = 1024 (the bare-GEMM floor is fastest at 1,024-2,048 here, LOG.md); at N = 8192, C = 256.
+# 2^22 (16 MB) was as fast but let glibc keep a freed 16 MiB buffer in its heap in most runs, so the N = 8192
+# peak RSS read 48-66 MiB instead of 48-50 (LOG.md, 2026-12-04).
+CHUNK_ELEMS = 1 << 21
 MIN_CHUNK = 128
 ROW_MATH_ROWS = 2048  # rows per block of the fp64 (rows, k) row math
 

@@ -206,5 +206,5 @@ def test_k_ids_grouped_by_chunk_mask_exactly_the_k_columns_of_each_chunk():
             got[kc.flat(v0, width)] = True
             assert torch.equal(got.view(n, width), want), (n, v, k, c, v0)
     # the chunk width shrinks with the rows so the (N, C) buffer stays at CHUNK_ELEMS, within [MIN_CHUNK, chunk_size]
-    assert vocab_chunk(2048, 4096) == 2048 and vocab_chunk(8192, 4096) == 512 and vocab_chunk(10**6, 4096) == 128
+    assert vocab_chunk(2048, 4096) == 1024 and vocab_chunk(8192, 4096) == 256 and vocab_chunk(10**6, 4096) == 128
     assert vocab_chunk(16, 97) == 97
