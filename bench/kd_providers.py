@@ -122,8 +122,8 @@ def make_fn(x: dict, provider: str, chunk: int | None = None) -> Callable[[], No
 
         return floor
     if provider in OURS and chunk is not None:
-        from ssb_kernels.chunked import sparse_kd_chunked
         from ssb_kernels.options import KDOptions
+        from ssb_kernels.streamed_kd import sparse_kd_chunked
 
         opts = KDOptions(temperature=T, chunk_size=chunk)
 

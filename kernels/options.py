@@ -23,9 +23,10 @@ class KDOptions:
     temperature: float = 1.0
     variant: str = "tail"  # "tail" | "renorm"
     reduction: str = "mean"  # "mean" | "sum" | "none"
-    chunk_size: int = 4096  # vocabulary columns per streamed chunk (chunked path)
+    chunk_size: int = 4096  # upper bound on vocabulary columns per streamed chunk (streamed.blocking)
     divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "jsd" (SPEC section 2b)
     beta: float = 0.5  # jsd only: m = beta q + (1 - beta) p, strictly inside (0, 1)
+    row_block: int | None = None  # rows per streamed block; None: per device (streamed.blocking)
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -37,6 +38,8 @@ class KDOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.row_block is not None and self.row_block < 1:
+            raise ValueError(f"row_block must be None or >= 1, got {self.row_block}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.variant == "renorm" and self.divergence != "forward_kl":

@@ -47,10 +47,7 @@ def sparse_kd_loss(
         from .reference import sparse_kd_eager
 
         return sparse_kd_eager(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
-    if impl == "chunked":
-        from .chunked import sparse_kd_chunked
+    from .streamed_kd import sparse_kd_streamed
 
-        return sparse_kd_chunked(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
-    from .triton_sparse_kd import sparse_kd_triton
-
-    return sparse_kd_triton(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts)
+    rows = "torch" if impl == "chunked" else "triton"
+    return sparse_kd_streamed(hidden, weight, topk_ids, topk_logprobs, lse_t, mask, opts, rows)

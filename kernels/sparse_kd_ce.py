@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import KByChunk, exact_offk, gathered_logits, kd_coefficients, sparse_matvec, vocab_chunk
 from .options import KDOptions, check_impl, check_kd_inputs, head_shape
-from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
+from .reference import derive_lse_t, row_losses_from_logp, student_logp_k
+from .rowmath import kd_coefficients
+from .streamed import blocking, head_grad, off_results, stream
+from .streamed_kd import dh_of, operands
 
 
 def _lse2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,27 +41,31 @@ def _reduce(loss: torch.Tensor, ok: torch.Tensor, reduction: str, scale: float):
     return (loss.sum(), 1.0) if reduction == "sum" else (loss.sum() / max(n, 1), 1.0 / max(n, 1))
 
 
-class _SparseKDCEChunked(torch.autograd.Function):
+class _SparseKDCEStreamed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, topk_ids, topk_logprobs, labels, lse_t, mask, opts: KDOptions):
-        dt = math_dtype(hidden, weight)
-        T, v, k = opts.temperature, weight.shape[0], topk_ids.shape[1]
-        h = hidden.to(dt)  # (N, H) raw: the scales 1/T and 1 are applied to each logit chunk
+    def forward(ctx, hidden, weight, topk_ids, topk_logprobs, labels, lse_t, mask, opts: KDOptions, rows: str):
+        T, k = opts.temperature, topk_ids.shape[1]
+        h, w = operands(hidden, weight, rows)  # raw h: the scales 1/T and 1 are applied to each logit chunk
+        v = w.shape[0]
         valid = topk_ids >= 0
         lab_ok = labels >= 0
         if mask is not None:
             valid, lab_ok = valid & mask.bool()[:, None], lab_ok & mask.bool()
         row_valid = valid.any(-1)
         idx, lab = topk_ids.long().clamp(min=0), labels.long().clamp(min=0)
-        lab_in_k = ((idx == lab[:, None]) & valid).any(-1)
+        at_lab = (idx == lab[:, None]) & valid  # (N, k): the K entry that is the label, if any
+        lab_in_k = at_lab.any(-1)
         lab_out = lab_ok & ~lab_in_k  # the label column excludes a token K does not already exclude
         u_idx = torch.cat([idx, lab[:, None]], 1)  # (N, k + 1)
         u_valid = torch.cat([valid, lab_out[:, None]], 1)
         scales = (1.0 / T, 1.0) if T != 1.0 else (1.0,)
-        chunk = vocab_chunk(h.shape[0], opts.chunk_size)
-        log_u, pw_u = exact_offk(h, weight, chunk, ctx.needs_input_grad[0], u_idx, u_valid, scales)
+        cut = blocking(h.shape[0], v, h.device, opts.chunk_size, opts.row_block)
+        st = stream(h, w, u_idx, u_valid, scales, ctx.needs_input_grad[0], b=cut, rows=rows)
+        log_u, pw_u = off_results(st)
         log_u = [x.double() for x in log_u]
-        s_u = gathered_logits(h, weight, u_idx).double()  # (N, k + 1) raw logits on U, fp64 row math below
+        s_u = st.s_x.view(-1, k + 1).double()  # (N, k + 1) raw logits captured on U (0 where not valid)
+        s_lab = torch.where(lab_in_k, s_u[:, :k].masked_fill(~at_lab, 0.0).sum(-1), s_u[:, k])  # label in K too
+        s_u = torch.cat([s_u[:, :k], s_lab[:, None]], 1)
         ninf = torch.tensor(float("-inf"), dtype=torch.float64, device=h.device)
         # KD at T: off K = off U plus the label when it is outside K
         s_lab_t = torch.where(lab_out, s_u[:, k] / T, ninf)
@@ -87,10 +93,10 @@ class _SparseKDCEChunked(torch.autograd.Function):
         kd_sparse = kd_f * torch.cat([b, (a * _ratio(s_lab_t, log_off_k))[:, None]], 1)  # (N, k + 1) on U
         ce_dense = ce_red * a_ce * _ratio(log_u[-1], log_off_l)  # (N,) on pw_u[-1]
         ce_sparse = ce_red * torch.cat([a_ce[:, None] * _ratio(other_k, log_off_l[:, None]), b_ce], 1)
-        ctx.opts, ctx.in_dtypes, ctx.scales = opts, (hidden.dtype, weight.dtype), scales
-        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, weight, u_idx, u_valid, kd_dense, kd_sparse,
+        ctx.opts, ctx.in_dtypes, ctx.scales, ctx.rows, ctx.cut = opts, (hidden.dtype, weight.dtype), scales, rows, cut
+        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, w, u_idx, u_valid, kd_dense, kd_sparse,
                               ce_dense, ce_sparse, *log_u, *pw_u)  # fmt: skip
-        return kd.to(dt), ce.to(dt)
+        return kd.to(st.m.dtype), ce.to(st.m.dtype)
 
     @staticmethod
     def backward(ctx, g_kd, g_ce):
@@ -108,35 +114,11 @@ class _SparseKDCEChunked(torch.autograd.Function):
         sparse = col(g_kd) * kd_sparse + col(g_ce) * ce_sparse  # (N, k + 1) on U
         dh = dw = None
         if ctx.needs_input_grad[0]:
-            dt = pw_u[0].dtype
-            dh = sparse_matvec(sparse.to(dt), weight, u_idx)
-            for c, pw in zip(dense, pw_u):
-                dh = dh + c.to(dt)[:, None] * pw
-            dh = dh.to(ctx.in_dtypes[0])
+            dh = dh_of(ctx.rows, list(pw_u), dense, u_idx, sparse, weight, ctx.in_dtypes[0], ctx.cut.tile_h)
         if ctx.needs_input_grad[1]:
-            dw = _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, ctx.scales,
-                               vocab_chunk(h.shape[0], ctx.opts.chunk_size))  # fmt: skip
+            dw = head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, ctx.scales, ctx.cut)
             dw = dw.to(ctx.in_dtypes[1])
-        return dh, dw, None, None, None, None, None, None
-
-
-def _head_grad(h, weight, u_idx, u_valid, dense, sparse, log_u, scales, chunk):
-    """dW = (dL/dz)^T h, streamed: off U, dL/dz_v = sum over scales of c * exp(s_v * scale - log_off_U)."""
-    dt = h.dtype
-    dense = [c.to(dt) for c in dense]
-    log_u = [x.to(dt) for x in log_u]
-    dw = torch.empty(weight.shape, dtype=dt, device=h.device)
-    kc = KByChunk(u_idx, u_valid, chunk, weight.shape[0])
-    for v0 in range(0, weight.shape[0], chunk):
-        s = h @ weight[v0 : v0 + chunk].to(dt).t()  # (N, C) raw logits
-        g = torch.zeros_like(s)
-        for c, lo, sc in zip(dense, log_u, scales):
-            lo_safe = torch.where(torch.isfinite(lo), lo, 0.0)
-            g += c[:, None] * (s * sc - lo_safe[:, None]).exp()
-        g.view(-1).index_fill_(0, kc.flat(v0, s.shape[1]), 0.0)
-        dw[v0 : v0 + chunk] = g.t() @ h
-    dw.index_add_(0, u_idx.reshape(-1), (sparse.to(dt)[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
-    return dw
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def sparse_kd_ce_loss(
@@ -157,8 +139,8 @@ def sparse_kd_ce_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd, ce): ``sparse_kd_loss`` of the same arguments and the cross-entropy -log softmax(hidden @ weight.T)
     [label] at T = 1, with the same ``reduction`` (mean over the rows with a valid label), from one pass over
-    the head on the chunked path. Labels < 0 (or masked rows) are ignored by CE. ``impl="eager"`` is the two
-    reference losses; ``impl="triton"`` (and "auto" on CUDA) is still two Triton passes (not fused yet).
+    the head. Labels < 0 (or masked rows) are ignored by CE. ``impl="eager"`` is the two
+    reference losses; "chunked" and "triton" share one streamed pass (the same logits GEMM serves T and 1).
 
     Shape:
         as ``sparse_kd_loss``, plus labels (N,) int in [-1, V) -> two () tensors, or two (N,) for "none"
@@ -178,11 +160,12 @@ def sparse_kd_ce_loss(
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
     if n and (int(labels.min()) < -1 or int(labels.max()) >= weight.shape[0]):
         raise ValueError(f"labels must lie in [0, V={weight.shape[0]}) or be -1 (ignored)")
-    if impl == "chunked":
-        return _SparseKDCEChunked.apply(hidden, weight, topk_ids, topk_logprobs, labels, lse_t, mask, opts)
-    kd = sparse_kd_loss(hidden, weight, topk_ids, topk_logprobs, lse_t=lse_t, mask=mask, temperature=temperature,
-                        variant=variant, reduction=reduction, impl=impl, divergence=divergence, beta=beta)  # fmt: skip
-    ce = sparse_kd_loss(hidden, weight, labels[:, None], torch.zeros(n, 1, device=hidden.device),
-                        lse_t=torch.zeros(n, device=hidden.device), mask=mask, temperature=1.0, variant="tail",
-                        reduction=reduction, impl=impl)  # fmt: skip
-    return kd, ce
+    if impl == "eager":
+        kd_args = dict(lse_t=lse_t, mask=mask, temperature=temperature, variant=variant, reduction=reduction)
+        kd = sparse_kd_loss(hidden, weight, topk_ids, topk_logprobs, **kd_args, impl=impl, divergence=divergence,
+                            beta=beta)  # fmt: skip
+        zeros = torch.zeros(n, 1, device=hidden.device)
+        ce_args = dict(lse_t=zeros[:, 0], mask=mask, temperature=1.0, variant="tail", reduction=reduction, impl=impl)
+        return kd, sparse_kd_loss(hidden, weight, labels[:, None], zeros, **ce_args)
+    rows = "torch" if impl == "chunked" else "triton"
+    return _SparseKDCEStreamed.apply(hidden, weight, topk_ids, topk_logprobs, labels, lse_t, mask, opts, rows)

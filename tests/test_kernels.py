@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import CASES, Case, assert_oracle, make_case, opts_of
 from ssb_kernels import KDOptions, sparse_kd_loss, topk_logprobs
-from ssb_kernels.chunked import sparse_kd_chunked, topk_logprobs_chunked
+from ssb_kernels.chunked import topk_logprobs_chunked
 from ssb_kernels.options import TopkOptions
 from ssb_kernels.reference import topk_logprobs_eager
+from ssb_kernels.streamed_kd import sparse_kd_chunked
 
 
 def chunked_fn(case: Case, chunk: int = 97):
@@ -170,7 +171,7 @@ def test_auto_on_cpu_is_eager_for_small_heads_chunked_for_large_and_frozen_head_
         x = make_case(Case("auto", n=n, h=8, v=v, k=4), torch.float32)
         h = x["hidden"].requires_grad_(True)
         loss = sparse_kd_loss(h, x["weight"], x["topk_ids"], x["topk_logprobs"])
-        assert type(loss.grad_fn).__name__.startswith("_SparseKDChunked") == fused, (n, v, n * v >= AUTO_EAGER_NV)
+        assert type(loss.grad_fn).__name__.startswith("_SparseKDStreamed") == fused, (n, v, n * v >= AUTO_EAGER_NV)
         loss.backward()
         assert x["weight"].grad is None and h.grad is not None
         assert torch.isfinite(h.grad).all() and float(h.grad.norm()) > 0
@@ -188,23 +189,35 @@ def test_empty_batch(impl):
     assert ids.shape == lp.shape == (0, 3) and lse.shape == (0, 2)
 
 
-def test_k_ids_grouped_by_chunk_mask_exactly_the_k_columns_of_each_chunk():
-    from ssb_kernels.chunked import KByChunk, vocab_chunk
+def test_excluded_ids_grouped_by_block_and_chunk_are_exactly_each_chunks_k_columns():
+    from ssb_kernels.streamed import Blocking, Excluded, blocking
 
     g = torch.Generator().manual_seed(0)
-    for n, v, k, c in [(7, 1001, 5, 97), (5, 64, 64, 24), (3, 100, 1, 1000), (0, 50, 3, 7)]:
+    for n, v, k, c, rows in [(7, 1001, 5, 97, 3), (5, 64, 64, 24, 5), (3, 100, 1, 1000, 2), (0, 50, 3, 7, 4)]:
         idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)]) if n else torch.zeros(0, k).long()
         valid = torch.rand(n, k, generator=g) > 0.2
-        kc = KByChunk(idx, valid, c, v)
-        for v0 in range(0, v, c):
-            width = min(c, v - v0)
-            want = torch.zeros(n, width, dtype=torch.bool)  # brute force: the valid K ids inside this chunk
-            for r, j in zip(*torch.nonzero(valid, as_tuple=True)):
-                if v0 <= idx[r, j] < v0 + width:
-                    want[r, idx[r, j] - v0] = True
-            got = torch.zeros(n * width, dtype=torch.bool)
-            got[kc.flat(v0, width)] = True
-            assert torch.equal(got.view(n, width), want), (n, v, k, c, v0)
-    # the chunk width shrinks with the rows so the (N, C) buffer stays at CHUNK_ELEMS, within [MIN_CHUNK, chunk_size]
-    assert vocab_chunk(2048, 4096) == 1024 and vocab_chunk(8192, 4096) == 256 and vocab_chunk(10**6, 4096) == 128
-    assert vocab_chunk(16, 97) == 97
+        b = Blocking(rows, c, 32, 16)
+        ex = Excluded(idx, valid, b, v, per_row=True)
+        for blk, r0 in enumerate(range(0, n, rows)):
+            nr = min(rows, n - r0)
+            offs = ex.offsets(blk, 0)
+            for chunk, v0 in enumerate(range(0, v, c)):
+                width = min(c, v - v0)
+                want = torch.zeros(nr, width, dtype=torch.bool)  # brute force: the valid K ids inside this tile
+                want_slot = torch.zeros(nr, width, dtype=torch.long)
+                for r, j in zip(*torch.nonzero(valid[r0 : r0 + nr], as_tuple=True)):
+                    if v0 <= idx[r0 + r, j] < v0 + width:
+                        want[r, idx[r0 + r, j] - v0] = True
+                        want_slot[r, idx[r0 + r, j] - v0] = (r0 + r) * k + j
+                lo, hi = ex.hits(blk, chunk)
+                got = torch.zeros(nr, width, dtype=torch.bool)
+                got[ex.row[lo:hi], ex.col[lo:hi].long()] = True
+                assert torch.equal(got, want), (n, v, k, c, v0)
+                assert torch.equal(want_slot[ex.row[lo:hi], ex.col[lo:hi].long()], ex.slot[lo:hi])
+                offs = ex.offsets(blk, chunk)  # per-row CSR (Triton): row r's hits are offs[r]:offs[r + 1]
+                assert int(offs[0]) == lo and int(offs[nr]) == hi
+                for r in range(nr):
+                    assert torch.all(ex.row[int(offs[r]) : int(offs[r + 1])] == r)
+    # CPU: the chunk width shrinks with the rows so the (N, C) buffer stays at 2^21 elements, within [128, chunk_size]
+    cols = [blocking(n, 10**6, torch.device("cpu"), 4096).cols for n in (2048, 8192, 10**6)]
+    assert cols == [1024, 256, 128]

@@ -76,11 +76,11 @@ def test_one_pass_matches_the_two_losses(lead, tail, temperature, k, variant, re
 
 
 def test_one_pass_streams_the_head_once(monkeypatch):
-    import ssb_kernels.chunked as chunked
+    import ssb_kernels.sparse_kd_ce as kd_ce
 
     calls = []
-    real = chunked.stream_offk
-    monkeypatch.setattr(chunked, "stream_offk", lambda *a, **kw: calls.append(kw.get("scales")) or real(*a, **kw))
+    real = kd_ce.stream
+    monkeypatch.setattr(kd_ce, "stream", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     hid, w, ids, lp, c = make_regime(N, 16, V, 5, 3.0, 0.1, 2.0, 0)
     h = hid.requires_grad_(True)
     kd, ce = sparse_kd_ce_loss(h, w, ids, lp, labels_for(ids, 0), lse_t=c, temperature=2.0, impl="chunked")

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_cases import LOSSES, RTOL, make_regime, regime_opts, rel, run
-from ssb_kernels.chunked import sparse_kd_chunked
+from ssb_kernels.streamed_kd import sparse_kd_chunked
 from ssb_kernels.reference import sparse_kd_eager
 
 
