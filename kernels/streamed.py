@@ -76,6 +76,27 @@ def vendor_half(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in HALF
 
 
+_CAPS: dict[str, bool] = {}
+
+
+def vendor_caps(device: torch.device) -> dict[str, bool]:
+    """Which fp32-output forms of the half GEMMs this torch build has on ``device`` (probed once, 2 x 2):
+    "mm": ``torch.mm(..., out_dtype=float32)``; "addmm": ``torch.addmm`` into an fp32 accumulator from half
+    operands (newer builds take an fp32 ``self``; older ones wanted ``self`` in the input dtype). Without
+    them the pass falls back to widened fp32 GEMMs (correct, slower) or a temporary plus an add."""
+    if not _CAPS:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(2, 2, device=device)
+        for name, call in (("mm", lambda: torch.mm(a, a, out_dtype=torch.float32)),
+                           ("addmm", lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc))):  # fmt: skip
+            try:
+                call()
+                _CAPS[name] = True
+            except (RuntimeError, TypeError):
+                _CAPS[name] = False
+    return _CAPS
+
+
 def mm_acc(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """a @ b_t.T into ``out`` (fp32, or fp64 for the float64 oracle). On CUDA, half inputs go to cuBLAS as they
     are (fp32 accumulation and output); elsewhere the inputs are widened first, which is the same arithmetic: a
@@ -84,7 +105,7 @@ def mm_acc(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tenso
 
     Shape: a (R, H), b_t (C, H) -> out (R, C)
     """
-    if vendor_half(a):
+    if vendor_half(a) and vendor_caps(a.device)["mm"]:
         return torch.mm(a, b_t.t(), out_dtype=torch.float32, out=out)
     return torch.mm(a.to(out.dtype), b_t.to(out.dtype).t(), out=out)
 
@@ -92,7 +113,11 @@ def mm_acc(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tenso
 def addmm_acc_(acc: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """acc += e @ w in place, accumulating in acc's dtype (as ``mm_acc``). Shape: acc (R, H), e (R, C), w (C, H)."""
     if vendor_half(e):
-        return torch.addmm(acc, e, w, out_dtype=torch.float32, out=acc)
+        caps = vendor_caps(e.device)
+        if caps["addmm"]:
+            return torch.addmm(acc, e, w, out_dtype=torch.float32, out=acc)
+        if caps["mm"]:
+            return acc.add_(torch.mm(e, w, out_dtype=torch.float32))
     return acc.addmm_(e.to(acc.dtype), w.to(acc.dtype))
 
 

@@ -139,22 +139,27 @@ def regime_opts(temperature, loss, reduction, **kw) -> KDOptions:
     return KDOptions(temperature, "tail", reduction, divergence=loss, **kw)
 
 
-def make_regime(n, h, v, k, lead, tail, temperature, seed):
+def make_regime(n, h, v, k, lead, tail, temperature, seed, groups=None):
     """Student hidden/head whose top logit leads the rest by ``lead``; a teacher with tail mass ``tail``.
 
-    Returns fp32 tensors: hidden (n, h), weight (v, h), ids (n, k), logprobs (n, k), exact c_T (n,).
+    Returns fp32 tensors: hidden (n, h + G), weight (v, h + G), ids (n, k), logprobs (n, k), exact c_T (n,).
     The teacher is a full-vocabulary distribution, so c_T = LSE_v(l_v / T) is exact (computed in fp64).
+    G = ``groups`` one-hot hidden units (default n: one per row); rows r and r + G share a top token, which
+    leads by at least ``lead`` in each of them.
     """
     g = torch.Generator().manual_seed(seed)
     hid = torch.randn(n, h, generator=g, dtype=torch.float64)
     w = torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h)
-    top = torch.randint(0, v, (n,), generator=g)
+    n_g = n if groups is None else groups
+    grp = torch.arange(n) % n_g
+    top = torch.randint(0, v, (n_g,), generator=g)[grp]
     z = hid @ w.t()  # (n, v)
-    # one extra hidden unit per row (one-hot) lets row r raise its own top token alone: W[top_r, H + r] = bump_r
-    hid = torch.cat([hid, torch.eye(n, dtype=torch.float64)], 1)
-    w = torch.cat([w, torch.zeros(v, n, dtype=torch.float64)], 1)
-    bump = z.amax(1) + lead - z.gather(1, top[:, None])[:, 0]  # (n,) so that z[r, top_r] = max_r + lead
-    w[top, h + torch.arange(n)] = bump
+    # one extra hidden unit per group (one-hot) lets rows raise their own top token: W[top_g, h + g] = bump_g
+    hid = torch.cat([hid, torch.nn.functional.one_hot(grp, n_g).double()], 1)
+    w = torch.cat([w, torch.zeros(v, n_g, dtype=torch.float64)], 1)
+    need = z.amax(1) + lead - z.gather(1, top[:, None])[:, 0]  # (n,) so that z[r, top_r] >= max_r + lead
+    bump = torch.full((n_g,), float("-inf"), dtype=torch.float64).scatter_reduce(0, grp, need, "amax")
+    w[top[:n_g], h + torch.arange(n_g)] = bump
     # teacher: K holds the student's top token plus k-1 random others; full-vocab log-probs with tail mass `tail`
     rows = []
     for r in range(n):
