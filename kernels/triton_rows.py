@@ -5,12 +5,12 @@ without ``tl.dot`` (the interpreter runs them faithfully in fp32, fp16 and bf16)
 
 ``_offset_rows_fwd_kernel``, one program per row of a (row block, vocabulary chunk) logit tile s (fp32):
     1. for each of the row's excluded ids in the chunk (CSR, O(hits)): capture s there, then set it to -inf;
-    2. chunk max over the remaining columns (one read of the row);
-    3. per logit scale c (1/T, and 1 for CE): lazy reference max. The row's reference m moves only when the
-       chunk's max beats it by more than TAU, so E = exp(c s - m) <= e^TAU, and in most chunks alpha = 1 and
-       the accumulator row is left alone; when m moves, the row of acc is multiplied by alpha = exp(m_old - m)
-       here, before the GEMM adds E W_c;
-    4. E written once in the input dtype (second read of the row), l += sum E in fp32.
+    2. per logit scale c (1/T, and 1 for CE), one read of the row: E = exp(c s - m) written in the input dtype
+       against the row's current reference m, l += sum E in fp32, and the chunk's max taken on the way;
+    3. lazy reference max: m moves only when the chunk's max beats it by more than TAU (always for the row's
+       first chunk with an off-set column). Then E and the sum are redone against the new m (a second read,
+       rare after the first chunks) and the accumulator row is multiplied by alpha = exp(m_old - m) here, before
+       the GEMM adds E W_c. Otherwise E <= e^TAU and alpha = 1: the accumulator row is left alone.
     fp16 E is stored times E_SHIFT (2^3), so its largest value e^8 x 8 stays under 65504 while values down to
     ~e^-19 of the row's reference stay normal; the pass divides the shift out of l (``Running.e_scale``).
 
@@ -43,7 +43,7 @@ def _offset_rows_fwd_kernel(
     col_ptr,  # (hits,) int32 local column of each hit
     slot_ptr,  # (hits,) int64 flat position in the (N, kx) ids where the hit's logit is captured
     sx_ptr,  # (N * kx,) fp32 out: captured raw logits
-    m_ptr,  # (S, N) fp32 running reference max of c s over the off-set columns, in place
+    m_ptr,  # (S, N) fp32 running reference (lazy max) of c s over the off-set columns, in place
     l_ptr,  # (S, N) fp32 running sum of exp(c s - m) over the off-set columns, in place
     acc_ptr,  # (S, N, H) fp32 accumulator rows, rescaled in place when m moves (HAS_ACC)
     inv_ptr,  # (S,) fp32 logit scales c
@@ -61,27 +61,35 @@ def _offset_rows_fwd_kernel(
         tl.store(srow + c, float("-inf"))
     tl.debug_barrier()  # the -inf stores above are seen by every thread of the program below
     cols = tl.arange(0, TILE_C)
-    mv = tl.full((TILE_C,), float("-inf"), tl.float32)
-    for c0 in range(0, C, TILE_C):
-        mv = tl.maximum(mv, tl.load(srow + c0 + cols, mask=c0 + cols < C, other=float("-inf")))
-    mx = tl.max(mv, 0)  # the chunk's off-set max of s (-inf: every column excluded)
     hcols = tl.arange(0, TILE_H)
     for j in tl.static_range(S):
         it = tl.load(inv_ptr + j)
         m_old = tl.load(m_ptr + j * N + row)
-        move = mx * it > m_old + tau
-        m_new = tl.where(move, mx * it, m_old)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.where(move, tl.exp(m_old - m_safe), 1.0)  # 0 when nothing was accumulated yet
-        sv = tl.zeros((TILE_C,), tl.float32)
         erow = e_ptr + (j * tl.num_programs(0) + r).to(tl.int64) * C
+        # one read of the row: E against the current reference (0 before the row's first off-set column)
+        m_ref = tl.where(m_old == float("-inf"), 0.0, m_old)
+        mv = tl.full((TILE_C,), float("-inf"), tl.float32)
+        sv = tl.zeros((TILE_C,), tl.float32)
         for c0 in range(0, C, TILE_C):
             ok = c0 + cols < C
-            e = tl.exp(tl.load(srow + c0 + cols, mask=ok, other=float("-inf")) * it - m_safe)
+            z = tl.load(srow + c0 + cols, mask=ok, other=float("-inf"))
+            e = tl.exp(z * it - m_ref)
             tl.store(erow + c0 + cols, (e * e_shift).to(e_ptr.dtype.element_ty), mask=ok)
             sv += e
+            mv = tl.maximum(mv, z)
+        mx = tl.max(mv, 0) * it  # the chunk's off-set max of c s (-inf: every column excluded)
+        move = mx > m_old + tau
+        if move:  # the max beat the reference by more than TAU (or is the row's first): redo against it
+            m_ref = mx
+            sv = tl.zeros((TILE_C,), tl.float32)
+            for c0 in range(0, C, TILE_C):
+                ok = c0 + cols < C
+                e = tl.exp(tl.load(srow + c0 + cols, mask=ok, other=float("-inf")) * it - m_ref)
+                tl.store(erow + c0 + cols, (e * e_shift).to(e_ptr.dtype.element_ty), mask=ok)
+                sv += e
+        alpha = tl.where(move, tl.exp(m_old - m_ref), 1.0)  # 0 when nothing was accumulated yet
         tl.store(l_ptr + j * N + row, tl.load(l_ptr + j * N + row) * alpha + tl.sum(sv, 0))
-        tl.store(m_ptr + j * N + row, m_safe)
+        tl.store(m_ptr + j * N + row, tl.where(move, m_ref, m_old))
         if HAS_ACC:
             if (alpha < 1.0) & (alpha > 0.0):  # m moved after something was accumulated: rescale the row
                 arow = acc_ptr + (j * N + row) * H
