@@ -47,12 +47,16 @@ class Blocking:
 #   ~50 ms of GEMMs. One chunk's buffers are 4096 x 4096 fp32 logits (64 MB) plus E in bf16 (32 MB), so with
 #   the (N, H) fp32 accumulator the extra memory is N H 4 + 96 MB + (N, k) row math, inside the target
 #   N H 12 + 64 MB from N = 4k on. Each GEMM is (4096 x 2048) x (2048 x 4096), 69 GFLOP: large enough for cuBLAS
-#   to run at its peak, and 37 chunks x 3 launches per row block keep launch overhead under 1%. The row kernel
-#   reads each chunk row twice (max, then exp) and writes E once: ~26 B per logit against the GEMMs' 4H = 8k
-#   FLOPs per logit, so it is memory-bound at ~10% of the GEMM time on an H100 (prediction, unmeasured).
+#   to run near its peak, and 37 chunks x 3 launches per row block keep launch overhead under 1%.
+# Predicted time on an H100 (arithmetic, unmeasured), Qwen2.5-3B head, N = 8k, bf16: the floor is the two GEMMs,
+#   4 N H V = 10.2 TFLOP, 12.9 ms at 790 TFLOP/s. On top, per logit, HBM traffic the GEMMs and row kernel cannot
+#   keep on chip: the fp32 logit written (4 B) and read once by the row kernel (4 B; a second read only when a
+#   row's lazy max moves, mostly in the first chunk), E written (2 B) and read by the second GEMM (2 B): ~12 B x
+#   N V = 1.25e9 logits = 15 GB, ~5 ms at ~3 TB/s. Total ~18 ms = ~1.4x the floor (the issue's target), with
+#   the dh row kernel (N k H reads of the head, mostly L2 hits for common ids) and the fp64 row math on top.
+CPU_TILES = (32, 16)
 CPU_CHUNK_ELEMS = 1 << 21
 CPU_MIN_CHUNK = 128
-CPU_TILES = (32, 16)
 CUDA_ROWS = 4096
 CUDA_COLS = 4096
 CUDA_TILES = (1024, 256)

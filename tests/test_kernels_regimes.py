@@ -62,7 +62,7 @@ def test_gemma_sized_vocab(lead, tail, loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_lead_past_fp32_exp_range_takes_the_exact_offk_pass(loss):
-    # at lead 120 the off-K sum underflows against the row max in fp32; the redo pass keeps it exact
+def test_lead_past_fp32_exp_range_is_exact_with_the_off_k_max(loss):
+    # at lead 120 an off-K sum taken against the row max would underflow in fp32; the off-K max keeps it exact
     hid, w, ids, lp, c = make_regime(4, 16, 777, 8, 120.0, 0.4, 1.0, 11)
     check(hid, w, ids, lp, c, regime_opts(1.0, loss, "sum", chunk_size=100), {"chunked": sparse_kd_chunked})
