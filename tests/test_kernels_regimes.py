@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_cases import LOSSES, RTOL, make_regime, regime_opts, rel, run
-from ssb_kernels.streamed_kd import sparse_kd_chunked
 from ssb_kernels.reference import sparse_kd_eager
+from ssb_kernels.streamed_kd import sparse_kd_chunked
 
 
 def check(hid, w, ids, lp, c, opts, impls):
