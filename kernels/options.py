@@ -55,11 +55,16 @@ class TopkOptions:
 
     k: int
     temperatures: tuple[float, ...] = (1.0,)
-    chunk_size: int = 8192
+    chunk_size: int = 8192  # upper bound on vocabulary columns per streamed chunk (streamed.blocking)
+    row_block: int | None = None  # rows per streamed block; None: per device (streamed.blocking)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        if self.row_block is not None and (not isinstance(self.row_block, int) or self.row_block < 1):
+            raise ValueError(f"row_block must be None or an int >= 1, got {self.row_block!r}")
         if len(self.temperatures) == 0:
             raise ValueError("temperatures must name at least one temperature")
         for t in self.temperatures:

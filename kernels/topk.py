@@ -37,7 +37,7 @@ def topk_logprobs(
 
         return topk_logprobs_eager(hidden, weight, opts)
     if impl == "chunked":
-        from .chunked import topk_logprobs_chunked
+        from .topk_stream import topk_logprobs_chunked
 
         return topk_logprobs_chunked(hidden, weight, opts)
     from .triton_topk import topk_logprobs_triton

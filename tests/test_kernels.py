@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import CASES, Case, assert_oracle, make_case, opts_of
 from ssb_kernels import KDOptions, sparse_kd_loss, topk_logprobs
-from ssb_kernels.chunked import topk_logprobs_chunked
 from ssb_kernels.options import TopkOptions
 from ssb_kernels.reference import topk_logprobs_eager
 from ssb_kernels.streamed_kd import sparse_kd_chunked
+from ssb_kernels.topk_stream import topk_logprobs_chunked
 
 
 def chunked_fn(case: Case, chunk: int = 97):
