@@ -1,9 +1,9 @@
 """Typed, frozen configuration for every stage, loaded from YAML plus dotted ``key=value`` overrides.
 
 One ``SSBConfig`` holds one dataclass per stage. Unknown keys and wrong types are errors that name the
-dotted key, and so are values outside a key's choices (:data:`CHOICES`), negative temperatures and a
-``train.kd_temperature`` the teacher store will not hold exactly (:func:`validate`), all at load time. The
-resolved config is saved next to every output with :func:`save_config`.
+dotted key, and so are values outside a key's choices or range, paths that cannot be right and broken rules
+between keys (:mod:`ssb.core.config_rules`), all at load time; an error set by an override names the override,
+one set by the file names the file. The resolved config is saved next to every output with :func:`save_config`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,12 +19,9 @@ from typing import Any
 
 import yaml
 
-from ssb.core.grading import GRADING_MODES
-from ssb.core.models import DTYPE_NAMES
+from ssb.core.config_rules import CHOICES, RANGES, ConfigError, validate
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key (and file)."""
+__all__ = ["CHOICES", "RANGES", "ConfigError", "SSBConfig", "config_hash", "load_config", "save_config", "validate"]
 
 
 @dataclass(frozen=True)
@@ -178,75 +174,6 @@ class SSBConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Values checked at load
-
-KERNEL_IMPLS = ("auto", "triton", "chunked", "eager")
-PROTOCOL_NAMES = ("ssb-paper", "qwen-math", "r1")  # the presets of ssb.eval.protocols (a test keeps them equal)
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": DTYPE_NAMES,
-    "grading.mode": GRADING_MODES,
-    "engine.backend": ("vllm", "hf"),
-    "capture.backend": ("hf", "vllm"),
-    "capture.value_dtype": ("float32", "float16"),
-    "capture.store_format": ("exact", "compact"),
-    "capture.kernel_impl": KERNEL_IMPLS,
-    "train.schedule": ("cosine", "linear", "constant"),
-    "distill.source": ("robust", "on_policy", "both"),
-    "train.variant": ("tail", "renorm"),
-    "train.divergence": ("forward_kl", "reverse_kl", "jsd"),
-    "train.loss_impl": KERNEL_IMPLS,
-    "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "train.optimizer": ("adamw", "paged_adamw_8bit"),
-    "eval.protocol": PROTOCOL_NAMES,
-}
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def validate(cfg: SSBConfig) -> SSBConfig:
-    """Check what types alone cannot: choices, temperatures, rounds, and the c_T rule. Errors name the keys."""
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: expected one of {'|'.join(allowed)}, got {_get(cfg, key)!r}")
-    temps = {
-        "rollout.temperature": cfg.rollout.temperature,
-        "curate.temperature": cfg.curate.temperature,
-        "eval.temperature": cfg.eval.temperature,
-    }
-    for key, t in temps.items():
-        if t is not None and not (t >= 0 and math.isfinite(t)):
-            raise ConfigError(f"{key}: expected a temperature >= 0 (0 = greedy), got {t!r}")
-    for key, t in [("train.kd_temperature", cfg.train.kd_temperature)] + [
-        (f"capture.temperatures[{i}]", t) for i, t in enumerate(cfg.capture.temperatures)
-    ]:
-        if not (t > 0 and math.isfinite(t)):
-            raise ConfigError(f"{key}: expected a temperature > 0, got {t!r}")
-    for key, bad, rule in [
-        ("rounds", cfg.rounds < 1, "expected >= 1"),
-        ("distill.source", cfg.distill.source == "both" and cfg.rounds < 2,
-         "SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2"),
-        ("train.variant", cfg.train.variant == "renorm" and cfg.train.divergence != "forward_kl",
-         f"renorm is defined for forward_kl only, not train.divergence={cfg.train.divergence}; use tail"),
-        ("train.jsd_beta", not 0.0 < cfg.train.jsd_beta < 1.0, "expected a value strictly between 0 and 1"),
-        ("distill.max_sequences", cfg.distill.max_sequences < 0, "expected >= 0 (0: all)"),
-    ]:  # fmt: skip
-        if bad:
-            raise ConfigError(f"{key}: {rule}, got {_get(cfg, key)!r}")
-    t = cfg.train.kd_temperature
-    if cfg.train.kd_weight != 0 and t not in cfg.capture.temperatures and not cfg.train.approximate_c_t:
-        raise ConfigError(
-            f"train.kd_temperature={t} is not one of capture.temperatures={list(cfg.capture.temperatures)}, so the "
-            "store would not hold its exact c_T: add it to capture.temperatures, or set train.approximate_c_t=true "
-            "to train on the SPEC's one-token-tail approximation"
-        )
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks
 
 
@@ -267,19 +194,19 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
                 return _check_value(value, opt, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}", key)
         return _build(tp, value, key + ".")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
         (item_tp, *_rest) = typing.get_args(tp)
         return tuple(_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
         kt, vt = typing.get_args(tp)
         return {_check_value(k, kt, key): _check_value(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
@@ -289,21 +216,21 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {value!r}", key)
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key)
         return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"{key}: unsupported type {tp}", key)
 
 
 def _type_name(tp: Any) -> str:
@@ -316,7 +243,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} (valid keys under {prefix or 'top level'}: {sorted(names)})"
+            f"unknown key {prefix}{unknown[0]!s} (valid keys under {prefix or 'top level'}: {sorted(names)})",
+            prefix + unknown[0],
         )
     kwargs = {name: _check_value(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
@@ -349,7 +277,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SSBConfig:
-    """Load ``path`` (YAML) and apply dotted overrides. Errors name the file and the offending key."""
+    """Load ``path`` (YAML) and apply dotted overrides. An error names the override that set the offending key, or
+    else the file (``defaults`` with neither)."""
     data: dict = {}
     where = "defaults"
     if path is not None:
@@ -357,19 +286,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from None
+            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    for key, value in parse_overrides(overrides or []):
+    items = list(overrides or [])
+    parsed = parse_overrides(items)
+    for key, value in parsed:
         _set_dotted(data, key, value)
     try:
         return validate(_build(SSBConfig, data))
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        culprit = _override_of(e.keys, [(item, key) for item, (key, _) in zip(items, parsed)])
+        raise ConfigError(f"{f'override {culprit}' if culprit else where}: {e}", *e.keys) from None
+
+
+def _override_of(keys: tuple[str, ...], overrides: list[tuple[str, str]]) -> str | None:
+    """The last override (``key=value`` as given) that set one of ``keys``, a section above one, or a key under one."""
+    faulty = [k.partition("[")[0] for k in keys]
+    for item, key in reversed(overrides):
+        if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in faulty):
+            return item
+    return None
 
 
 def config_to_dict(cfg: Any) -> dict:
