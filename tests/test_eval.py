@@ -166,6 +166,7 @@ def test_stage_evaluates_base_and_adapter_and_compares(tmp_path, monkeypatch, ca
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     engine = ScriptedEngine()
     monkeypatch.setattr("ssb.engines.make_engine", lambda *a, **kw: engine)
+    monkeypatch.setattr("ssb.eval.check_adapter", lambda model, path: 4)  # a stand-in the scripted engine never reads
     overrides = ["eval.protocol=r1", "eval.n=3", "eval.grader_workers=0", "eval.bootstrap=100", "engine.batch_size=5"]
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"eval.benchmarks=[{bench}]", *overrides])
     assert run(cfg) == 0

@@ -15,10 +15,11 @@ from pathlib import Path
 from ssb.config import SSBConfig
 from ssb.core.files import atomic_write_json
 from ssb.core.layout import RunLayout
+from ssb.core.models import check_adapter
 from ssb.eval.protocols import PROTOCOLS, Protocol, resolve_protocol
 from ssb.eval.report import plot_runs, print_compare, write_report
 from ssb.eval.scoring import evaluate
-from ssb.eval.stats import compare, load_results
+from ssb.eval.stats import compare, load_results, results_path
 
 __all__ = ["PROTOCOLS", "Protocol", "compare", "compare_files", "evaluate", "load_results", "resolve_protocol", "run"]
 
@@ -46,11 +47,12 @@ def run(
     if adapter is not None and cfg.train.qlora:
         print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
               "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
+    rank = check_adapter(cfg.model, adapter) if adapter is not None else None  # before the base eval starts
     engine = None
     if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
-        from ssb.engines import adapter_rank, make_engine
+        from ssb.engines import make_engine
 
-        engine = make_engine(cfg.model, cfg.engine, enable_lora=True, max_lora_rank=adapter_rank(adapter))
+        engine = make_engine(cfg.model, cfg.engine, enable_lora=True, max_lora_rank=rank)
     try:
         runs = [
             evaluate(
@@ -90,8 +92,11 @@ def _eval_models(cfg: SSBConfig, out: Path, students: list[tuple[str, Path]]) ->
 
 
 def compare_files(a: str | Path, b: str | Path, out: str | Path | None = None) -> int:
-    """``ssb eval --compare A B``: both tables and the paired test; with ``out``, ``compare.json`` and a chart."""
-    ra, rb = load_results(a), load_results(b)
+    """``ssb eval --compare A B``: both tables and the paired test; with ``out``, ``compare.json`` and a chart.
+    A and B are results files, or eval or run directories (:func:`~ssb.eval.stats.results_path`)."""
+    pa, pb = results_path(a), results_path(b)
+    print(f"ssb eval --compare: A = {pa}, B = {pb}", file=sys.stderr)
+    ra, rb = load_results(pa), load_results(pb)
     cmp = print_compare(ra, rb)
     if out is not None:
         atomic_write_json(Path(out) / "compare.json", cmp)

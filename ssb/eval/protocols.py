@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ssb.config import EvalConfig
+from ssb.config import ConfigError, EvalConfig
 from ssb.core.prompts import SYSTEM_PROMPT
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -65,14 +65,18 @@ def resolve_protocol(eval_cfg: EvalConfig, grading: str = "strict") -> Protocol:
     """The named preset with the config's explicit overrides (n, temperature, top_p, max_new_tokens) applied,
     graded in ``grading`` mode (``grading.mode``)."""
     if eval_cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"eval.protocol: unknown protocol {eval_cfg.protocol!r} (expected one of {sorted(PROTOCOLS)})")
+        known = sorted(PROTOCOLS)
+        raise ConfigError(f"eval.protocol: unknown protocol {eval_cfg.protocol!r} (expected one of {known})")
     changes: dict[str, Any] = {"grading": grading}
     for key in ("n", "temperature", "top_p", "max_new_tokens"):
         if getattr(eval_cfg, key) is not None:
             changes[key] = getattr(eval_cfg, key)
     proto = dataclasses.replace(PROTOCOLS[eval_cfg.protocol], **changes)
     if proto.n < 1 or proto.max_new_tokens < 1:
-        raise ValueError(f"eval: n and max_new_tokens must be >= 1, got n={proto.n} max={proto.max_new_tokens}")
+        raise ConfigError(f"eval: n and max_new_tokens must be >= 1, got n={proto.n} max={proto.max_new_tokens}")
     if proto.temperature == 0 and proto.n > 1:
-        raise ValueError(f"eval: protocol {proto.name} is greedy (temperature 0); n={proto.n} copies would fake pass@k")
+        raise ConfigError(
+            f"eval.n: protocol {proto.name} is greedy (temperature 0), so n={proto.n} copies would fake pass@k; "
+            "set eval.n=1 or an eval.temperature > 0"
+        )
     return proto

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssb.core.files import InputError
+
 CI_LEVEL = 0.95
 
 
@@ -188,18 +190,43 @@ def aggregate(records: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> 
 # Comparing two results files (the dicts written by ssb.eval.scoring)
 
 
+def results_path(path: str | Path) -> Path:
+    """The ``results.json`` that ``path`` names: the file; a directory holding one (``RUN/eval/<label>``); an eval
+    output directory (``RUN/eval``) or a run directory (``RUN``), where it is the trained model's: the one label
+    other than ``base`` (the latest ``round<r>`` with rounds), or ``base`` when that is all there is."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise InputError(f"{p}: no such file or directory (expected a results.json, or an eval or run directory)")
+    if (p / "results.json").is_file():
+        return p / "results.json"
+    evals = p / "eval" if (p / "eval").is_dir() else p
+    labels = sorted(d.name for d in evals.iterdir() if (d / "results.json").is_file())
+    trained = [lb for lb in labels if lb != "base"]
+    rounds = sorted((int(lb[5:]), lb) for lb in trained if lb[5:].isdigit() and lb.startswith("round"))
+    if rounds and len(rounds) == len(trained):
+        trained = [rounds[-1][1]]
+    if not labels:
+        raise InputError(f"{p}: holds no eval results (no results.json in it, in eval/<label>/ or <label>/); "
+                         "run ssb eval first")  # fmt: skip
+    if len(trained) > 1:
+        raise InputError(f"{p}: holds results of {', '.join(labels)}; name one as {evals}/<label>")
+    return evals / (trained or labels)[0] / "results.json"
+
+
 def load_results(path: str | Path) -> dict:
-    """A ``results.json`` (or a directory holding one), checked for the fields the reports need."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
+    """A ``results.json`` (or a directory :func:`results_path` resolves), checked for the fields reports need."""
+    path = results_path(path)
     try:
         results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read eval results: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read eval results: {e}") from None
+    if not isinstance(results, dict):
+        raise InputError(f"{path}: not an ssb eval results file (a {type(results).__name__}, not an object)")
     for key in ("label", "protocol", "benchmarks"):
         if key not in results:
-            raise ValueError(f"{path}: not an ssb eval results file (missing field {key!r})")
+            raise InputError(f"{path}: not an ssb eval results file (missing field {key!r})")
     return results
 
 
