@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssb.config import ConfigError, load_config
+from ssb.config import ConfigError, SSBConfig, load_config
 from ssb.run.plan import STAGES
 
 COMMANDS = {
@@ -32,10 +32,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, InputError, StoreError, ModelGetError, FileNotFoundError
 
 
+NO_CONFIG = (
+    "no --config FILE given: pass one (configs/toy.yaml runs on a CPU, configs/paper_qwen2.5_3b.yaml is the paper's "
+    "setting); key=value overrides apply on top of it"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (the usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ssb",
         description="Semantic Soft Bootstrapping: rollouts, curation, sparse teacher capture, fused KD training, eval.",
         parents=[debug],
@@ -102,7 +115,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from ssb.run.demo import DEFAULT_CONFIG
 
         args.config = DEFAULT_CONFIG
+    dry_run = args.stage == "train" and args.dry_run  # a memory report of train.dry_run_config: the defaults do
+    if args.config is None and not dry_run:
+        load_config(None, args.overrides)  # an override's own error comes first
+        raise ConfigError(NO_CONFIG)
     cfg = load_config(args.config, args.overrides)
+    preflight(args, cfg, model=not dry_run)
     if args.stage == "run":
         from ssb.run.runner import run
 
@@ -123,9 +141,43 @@ def dispatch(args: argparse.Namespace) -> int:
     return int(stage.run(cfg, **options) or 0)
 
 
+def preflight(args: argparse.Namespace, cfg: SSBConfig, *, model: bool = True) -> None:
+    """What can be checked before any stage starts: ``--from`` against the plan, and that the model can be
+    loaded (a local directory, or a hub id the hub or its offline cache serves) without the hub's retries."""
+    if getattr(args, "from_stage", None) is not None:
+        from ssb.run.demo import demo_plan
+        from ssb.run.plan import expand
+
+        names = [s.name for s in expand(demo_plan() if args.stage == "demo" else STAGES, cfg.rounds)]
+        if args.from_stage not in names:
+            raise ConfigError(f"--from {args.from_stage!r}: expected one of {'|'.join(names)}")
+    if args.stage in ("eval", "run", "demo"):  # the protocol with eval.* applied, not hours later at the eval stage
+        from ssb.eval import resolve_protocol
+
+        resolve_protocol(cfg.eval, cfg.grading.mode)
+    if model:
+        from ssb.core.models import check_model_source
+
+        check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` that also takes ``key=value`` overrides after options (``--from train k=v``)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in late]
+    if late and not hasattr(args, "overrides"):
+        unknown = extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.stage is None:
         parser.print_help()
         return 2

@@ -248,7 +248,7 @@ def test_cli_capture_and_inspect(tiny_model_dir, hf_store, capsys):
     run_dir, manifest = hf_store
     over = [f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"capture.k={K}",
             "capture.temperatures=[1.0,2.0]", "capture.token_budget=700", "capture.shard_examples=3"]  # fmt: skip
-    assert main(["capture", *over]) == 0
+    assert main(["capture", "--config", "configs/paper_qwen2.5_3b.yaml", *over]) == 0  # the defaults + overrides
     assert "complete and up to date" in capsys.readouterr().err and (run_dir / "capture" / "config.yaml").exists()
     assert json.loads((run_dir / "capture" / "manifest.json").read_text())["shards"] == manifest["shards"]
     assert main(["capture", "--inspect", str(run_dir / "capture")]) == 0

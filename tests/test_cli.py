@@ -18,11 +18,11 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
     over = [f"run_dir={tmp_path / 'run'}", f"data.source={data}", "engine.backend=hf"]
-    assert main(["rollout", *over]) == EXIT_USER_ERROR
+    assert main(["rollout", "--config", "configs/toy.yaml", *over]) == EXIT_USER_ERROR
     line = _one_line(capsys.readouterr().err)
     assert f"{data}:2: invalid JSON" in line and "--debug" in line
     with pytest.raises(InputError, match="bad.jsonl:2"):
-        main(["rollout", "--debug", *over])
+        main(["rollout", "--config", "configs/toy.yaml", "--debug", *over])
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path, capsys):
 )
 def test_a_model_that_is_neither_a_directory_nor_a_hub_id_says_so(tmp_path, capsys, name, what):
     over = [f"run_dir={tmp_path}", f"model.name_or_path={name}", "eval.benchmarks=[toy]", "eval.limit=1"]
-    assert main(["eval", "engine.backend=hf", *over]) == EXIT_USER_ERROR
+    assert main(["eval", "--config", "configs/toy.yaml", "engine.backend=hf", *over]) == EXIT_USER_ERROR
     line = _one_line(capsys.readouterr().err)
     assert f"model.name_or_path: {name!r} is {what}" in line
 
