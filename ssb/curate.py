@@ -148,7 +148,7 @@ def run_curation(
             kept += sum(d["status"] == "kept" for d in new)
             lo += len(chunk)
             bar.update(len(chunk))
-            bar.set_postfix(kept=kept)
+            bar.set_postfix(pairs=f"{min(kept, target)}/{target}")  # a batch may keep more than the target needs
             if on_batch is not None:
                 on_batch(lo // batch)
     finally:

@@ -117,8 +117,11 @@ def _pick(rec: dict, key: str, fields: dict[str, str | None]) -> tuple[str | Non
     return None, None
 
 
-def to_problem(rec: dict, where: str, source: str, fields: dict[str, str | None], default_id: str) -> Problem:
-    """Validate one raw record; raise InputError naming ``where`` and the field on any defect."""
+def to_problem(
+    rec: dict, where: str, source: str, fields: dict[str, str | None], default_id: str, map_hint: str | None = None
+) -> Problem:
+    """Validate one raw record; raise InputError naming ``where`` and the field on any defect. ``map_hint``: the
+    config key that maps columns (``data.field_map``), named in the fix for a missing field; None: there is none."""
     if not isinstance(rec, dict):
         raise InputError(f"{where}: expected an object, got {type(rec).__name__}")
     q_name, question = _pick(rec, "question", fields)
@@ -127,7 +130,8 @@ def to_problem(rec: dict, where: str, source: str, fields: dict[str, str | None]
     for key, name, value in (("question", q_name, question), ("answer", a_name, answer)):
         if name is None:
             wanted = fields.get(key) or " / ".join(DEFAULT_FIELDS[key])
-            raise InputError(f"{where}: missing field {wanted!r} ({key}; map another with {key}=COLUMN)")
+            fix = f"map another with {map_hint}.{key}=COLUMN" if map_hint else f"name the column {wanted}"
+            raise InputError(f"{where}: missing field {wanted!r} (the {key}; {fix})")
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise InputError(f"{where}: field {name!r} must be text or a number, got {type(value).__name__}")
     if not isinstance(question, str) or not question.strip():
@@ -315,13 +319,15 @@ def load_problems(
     subset: str | None = None,
     limit: int | None = None,
     skip_invalid: bool = False,
+    map_hint: str | None = "data.field_map",
     **field_map: str,
 ) -> ProblemList:
     """Load and validate problems; see the module docstring for sources, field mapping and errors.
 
     ``split`` picks a hub/saved split (default: the benchmark's test split; ignored for single files),
     ``subset`` a hub config, ``limit`` keeps the first N valid problems. Returns a ``ProblemList`` (a list of
-    ``Problem``) whose ``.skipped`` holds every record left out under ``skip_invalid=True``.
+    ``Problem``) whose ``.skipped`` holds every record left out under ``skip_invalid=True``. ``map_hint``: the config
+    key a missing field's message says to set (None where columns cannot be mapped, as in eval).
     """
     unknown = sorted(set(field_map) - set(FIELD_KEYS))
     if unknown:
@@ -344,7 +350,7 @@ def load_problems(
         try:
             if error is not None:
                 raise InputError(f"{where}: {error}")
-            p = to_problem(rec, where, tag, fields, default_id)
+            p = to_problem(rec, where, tag, fields, default_id, map_hint)
             if p.id in seen:
                 raise InputError(f"{where}: duplicate id {p.id!r} (first at {seen[p.id]})")
         except InputError as e:

@@ -222,7 +222,7 @@ def evaluate(
     pool = make_grader_pool(eval_cfg.grader_workers)
     try:
         for bench in eval_cfg.benchmarks:
-            problems = load_problems(bench, limit=eval_cfg.limit)
+            problems = load_problems(bench, limit=eval_cfg.limit, map_hint=None)
             spec = _spec(protocol, model_cfg, engine_cfg, adapter, bench)
             records = evaluate_problems(
                 engine_factory, problems, protocol, spec, out_dir / "partial",

@@ -58,13 +58,19 @@ def _nothing_to_distil(cfg: SSBConfig) -> str | None:
     roll = json.loads(layout.rollout_stats.read_text())
     s, by = roll["samples"], roll["problems_by_correct"]
     curated = {k: v for k, v in cur["status_counts"].items() if v and k not in ("no_correct", "no_wrong")}
+    fixes = [fix for fix, helps in [  # only what the counts say could help
+        ("grading.mode=flexible", cfg.grading.mode == "strict" and s["no_answer"] > 0),
+        ("more rollout.max_new_tokens", s["truncated"] > 0),
+        ("an easier data.source", by["none_correct"] > 0),
+        ("more curate.attempts", by["mixed"] > 0),
+        ("a harder data.source or a larger rollout.k", by["all_correct"] > 0),
+    ] if helps] or ["a data.source, data.split and data.limit that hold problems"]  # fmt: skip
     return (
         f"0 pairs to distil from {roll['problems']} problems x {roll['k']} samples under grading.mode="
         f"{cfg.grading.mode}: {by['none_correct']} problems had no correct sample, {by['all_correct']} no wrong one, "
         f"{by['mixed']} both (curation outcomes {curated or 'none'}); samples: {s['correct']} correct, "
         f"{s['wrong_answer']} wrong, {s['no_answer']} without an answer, {s['truncated']} truncated. "
-        f"Try {'grading.mode=flexible, ' if cfg.grading.mode == 'strict' else ''}more rollout.max_new_tokens, "
-        f"an easier data.source, or more curate.attempts"
+        f"Try {', or '.join(fixes)}"
     )
 
 
