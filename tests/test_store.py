@@ -7,7 +7,7 @@ import pytest
 import torch
 from ssb_kernels.reference import derive_lse_t
 
-from ssb.store import StoreError, StoreExample, StoreWriter, TeacherStore, lse_for
+from ssb.store import StoreError, StoreExample, StoreWriter, TeacherStore, check_store, lse_for
 from ssb.store.format import MANIFEST, lse_key, shard_name
 
 V, K = 50, 8
@@ -132,22 +132,31 @@ def test_shape_mismatch_named(tmp_path, examples):
         TeacherStore(tmp_path, verify=False)
 
 
-def test_writer_drops_stale_shards_and_temp_files(tmp_path, examples):
+def test_writer_drops_only_its_own_temp_files(tmp_path, examples):
     write_store(tmp_path, [examples[:2], examples[2:]], fingerprint="old")
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
     (tmp_path / ".shard-00002.safetensors.abc.tmp").write_bytes(b"partial")
     header = {"fingerprint": "new", "exact_temperatures": [1.0, 2.0]}
-    w = StoreWriter(tmp_path, header, k=K, value_dtype="float32", temperatures=[1.0, 2.0])
-    assert not w.done(0) and not w.done(1)  # captured under other settings: redone, never mixed in
-    assert not (tmp_path / MANIFEST).exists()
-    assert not list(tmp_path.glob(".shard-*.tmp"))
+    StoreWriter(tmp_path, header, k=K, value_dtype="float32", temperatures=[1.0, 2.0])
+    assert not list(tmp_path.glob(".shard-*.tmp"))  # an interrupted write of ours
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # another store's files: untouched
 
 
-def test_writer_keeps_matching_shards(tmp_path, examples):
+def test_check_store_sorts_shards_into_keep_repair_and_foreign(tmp_path, examples):
     write_store(tmp_path, [examples[:2], examples[2:]], fingerprint="same")
-    (tmp_path / MANIFEST).unlink()  # as after a capture killed before finishing
-    header = {"fingerprint": "same", "exact_temperatures": [1.0, 2.0]}
-    w = StoreWriter(tmp_path, header, k=K, value_dtype="float32", temperatures=[1.0, 2.0])
-    assert w.done(0) and w.done(1)
+    assert check_store(tmp_path, "same", 2).complete
+    other = check_store(tmp_path, "new", 2)  # made under other settings: all foreign, nothing to keep
+    assert not other.complete and other.whole_dir_foreign
+    assert set(other.foreign) == {MANIFEST, shard_name(0), shard_name(1)} and set(other.todo) == {0, 1}
+    f = tmp_path / shard_name(1)
+    f.write_bytes(f.read_bytes()[:-10])  # truncated: repaired in place, the sound shard kept
+    repair = check_store(tmp_path, "same", 2)
+    assert not repair.complete and not repair.foreign and list(repair.todo) == [1] and "truncated" in repair.todo[1]
+    f.unlink()
+    assert check_store(tmp_path, "same", 2).todo == {1: "shard listed in manifest.json is missing"}
+    (tmp_path / MANIFEST).unlink()  # as after a capture killed before finishing: shard 0 is resumed
+    resumed = check_store(tmp_path, "same", 2)
+    assert resumed.resumed == 1 and resumed.todo == {1: ""} and not resumed.foreign
 
 
 def test_lse_key_is_stable():

@@ -23,14 +23,31 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssb.capture.inputs import Item, distilled_sequences, load_items
-from ssb.config import SSBConfig, config_to_dict, save_config
-from ssb.core.files import sha256_file, sha256_text, weights_stamp
+from ssb.config import CaptureConfig, ConfigError, SSBConfig, config_to_dict, save_config
+from ssb.core.files import move_aside, sha256_file, sha256_text, weights_stamp
 from ssb.core.layout import RunLayout
 from ssb.core.models import check_model_source, load_tokenizer
 from ssb.core.prompts import DEFAULT_PROMPTS
-from ssb.store import StoreWriter, TeacherStore, chat_template_hash, is_complete, tokenizer_hash
+from ssb.store import StoreCheck, StoreWriter, TeacherStore, chat_template_hash, check_store, tokenizer_hash
+from ssb.store.format import STORE_FORMATS, shard_name
 
-__all__ = ["CapturePlan", "Item", "capture", "make_backend", "plan_capture", "run", "write_store"]
+__all__ = ["CapturePlan", "Item", "capture", "check_settings", "make_backend", "plan_capture", "run", "write_store"]
+
+
+def check_settings(cap: CaptureConfig) -> None:
+    """Refuse ``capture.*`` values no store can be made with, before anything on disk is looked at or moved."""
+    rules = [
+        ("backend", cap.backend in ("hf", "vllm"), "hf or vllm"),
+        ("k", cap.k >= 1, "an integer >= 1"),
+        ("shard_examples", cap.shard_examples >= 1, "an integer >= 1"),
+        ("token_budget", cap.token_budget >= 1, "an integer >= 1"),
+        ("temperatures", bool(cap.temperatures) and all(t > 0 for t in cap.temperatures), "positive numbers"),
+        ("value_dtype", cap.value_dtype in ("float32", "float16"), "float32 or float16"),
+        ("store_format", cap.store_format in STORE_FORMATS, " or ".join(STORE_FORMATS)),
+    ]
+    for key, ok, expected in rules:
+        if not ok:
+            raise ConfigError(f"capture.{key}: expected {expected}, got {getattr(cap, key)!r}")
 
 
 def max_length(cfg: SSBConfig) -> int:
@@ -92,29 +109,49 @@ def teacher_identity(cfg: SSBConfig, tokenizer: dict) -> dict:
 def capture(
     cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str | Path, out_dir: str | Path, *, backend=None
 ) -> dict:
-    """Capture every curated example into the store at ``out_dir`` (resuming); returns the manifest.
+    """Capture every curated example into the store at ``out_dir`` (resuming, repairing); returns the manifest.
+
+    Settings, inputs and then the model are validated before the store directory is touched. A complete store
+    of these inputs and settings is verified shard by shard (sha256): bad or missing shards are captured again,
+    the rest kept. Files made under other settings are moved aside (``<out_dir>.stale-<time>/``), never deleted.
 
     ``backend``: an object with ``name``, ``vocab_size``, ``exact_temperatures`` and ``capture(items, k)``
     (default: the one ``capture.backend`` names, built only when some shard is still missing).
     """
     out_dir = Path(out_dir)
+    check_settings(cfg.capture)
     plan = plan_capture(cfg, teacher_jsonl, student_jsonl)
-    if is_complete(out_dir, plan.fingerprint):
-        print(f"[capture] {out_dir}: complete and up to date, nothing to do", file=sys.stderr)
+    n_shards = max(1, math.ceil(plan.n_inputs / cfg.capture.shard_examples))
+    state = check_store(out_dir, plan.fingerprint, n_shards)
+    if state.complete:
+        print(f"[capture] {out_dir}: complete and up to date (every shard verified), nothing to do", file=sys.stderr)
         return TeacherStore(out_dir, verify=False).manifest
     own_backend = backend is None
-    backend = make_backend(cfg) if own_backend else backend
+    backend = make_backend(cfg) if own_backend else backend  # the model loads: the last input to validate
     try:
-        return write_store(cfg, plan, out_dir, backend)
+        _set_aside(state)
+        return write_store(cfg, plan, out_dir, backend, todo=sorted(state.todo))
     finally:
         if own_backend and hasattr(backend, "close"):
             backend.close()
 
 
-def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend) -> dict:
-    """Capture the shards of ``plan`` that are not on disk yet, then write the manifest."""
+def _set_aside(state: StoreCheck) -> None:
+    """Move the files made under other settings out of the way and say what will be captured again, and why."""
+    if state.foreign:
+        moved = move_aside(state.path, None if state.whole_dir_foreign else state.foreign)
+        what = "the store" if state.whole_dir_foreign else f"{len(state.foreign)} file(s)"
+        print(f"[capture] {state.path}: {what} made from other inputs/settings, moved to {moved}", file=sys.stderr)
+    for j, why in sorted(state.todo.items()):
+        if why and shard_name(j) not in state.foreign:
+            print(f"[capture] {state.path / shard_name(j)}: {why}; recapturing it", file=sys.stderr)
+
+
+def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend, todo: list[int] | None = None) -> dict:
+    """Capture the shards ``todo`` of ``plan`` (default: all), keep the others on disk, then write the manifest."""
     m, cap = cfg.model, cfg.capture
     n_shards = max(1, math.ceil(plan.n_inputs / cap.shard_examples))
+    pending = list(range(n_shards)) if todo is None else todo
     k = min(cap.k, backend.vocab_size)
     header = {
         "fingerprint": plan.fingerprint,
@@ -132,9 +169,9 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend) -> di
     }
     writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
                          store_format=cap.store_format)  # fmt: skip
-    pending = [j for j in range(n_shards) if not writer.done(j)]  # after stale shards were dropped
     if len(pending) < n_shards:
-        print(f"[capture] resuming: {n_shards - len(pending)}/{n_shards} shards already complete", file=sys.stderr)
+        print(f"[capture] {n_shards - len(pending)}/{n_shards} shards already complete, capturing {len(pending)}",
+              file=sys.stderr)  # fmt: skip
     t0, n_tok = time.perf_counter(), 0
     bar = tqdm(pending, desc="capture", unit="shard", file=sys.stderr)
     for j in bar:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def move_aside(path: str | Path, names: Iterable[str] | None = None) -> Path:
+    """Move outputs made under other settings out of the way instead of deleting them: the directory ``path``
+    itself (``names=None``), or only the entries ``names`` of it, to a new sibling ``<path>.stale-<time>[-n]/``.
+    Returns that directory. Callers do this only after their new inputs validated, so a bad value loses nothing."""
+    path = Path(path)
+    base = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    if names is None:
+        path.rename(target)
+        return target
+    target.mkdir()
+    for name in names:
+        (path / name).rename(target / name)
+    return target
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +80,8 @@ class StoreExample:
 class StoreWriter:
     """Writes shards atomically (temp file + rename) and the manifest last; knows which shards are done.
 
-    ``header`` goes into the manifest verbatim and must contain ``fingerprint``: shards written under another
-    fingerprint are stale and get removed (with a message) rather than mixed into the new store.
+    ``header`` goes into the manifest verbatim and must contain ``fingerprint``. The writer never removes a
+    shard: which shards to (re)write, and what to move aside first, is :func:`check_store`'s answer.
     """
 
     def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float],
@@ -100,35 +99,15 @@ class StoreWriter:
         self.value_dtype = value_dtype
         self.temperatures = [float(t) for t in temperatures if float(t) != 1.0]  # stored lse_T keys
         self.path.mkdir(parents=True, exist_ok=True)
-        self._drop_stale()
+        self._drop_temp_files()
 
-    def _drop_stale(self) -> None:
-        manifest = self.path / MANIFEST
-        if manifest.exists():
-            try:
-                fp = json.loads(manifest.read_text()).get("fingerprint")
-            except (OSError, json.JSONDecodeError):
-                fp = None
-            if fp != self.fingerprint:
-                print(f"[capture] {manifest}: made from other inputs/settings, rebuilding the store", file=sys.stderr)
-            manifest.unlink()  # rewritten by finish(); a half-resumed store must not look complete
-        for f in sorted(self.path.iterdir()):
-            if f.name.startswith(".shard-") and f.name.endswith(".tmp"):
-                f.unlink()  # a write interrupted before its rename
-            elif _SHARD_RE.match(f.name) and self._shard_meta(f) is None:
-                print(f"[capture] {f}: stale or unreadable shard, recapturing it", file=sys.stderr)
-                f.unlink()
+    def _drop_temp_files(self) -> None:
+        for f in sorted(self.path.glob(".shard-*.tmp")):
+            f.unlink()  # our own write, interrupted before its rename
 
     def _shard_meta(self, f: Path) -> dict | None:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                meta = json.loads((h.metadata() or {})["ssb"])
-        except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
-            return None
-        return meta if meta.get("fingerprint") == self.fingerprint else None
-
-    def done(self, j: int) -> bool:
-        return (self.path / shard_name(j)).exists()
+        meta = shard_meta(f)
+        return meta if meta is not None and meta.get("fingerprint") == self.fingerprint else None
 
     def write_shard(self, j: int, examples: list[StoreExample], skipped: list[dict]) -> Path:
         """Serialise ``examples`` (in input order) and ``skipped`` records into shard ``j``, atomically."""
@@ -194,12 +173,26 @@ class StoreWriter:
         return manifest
 
 
-def is_complete(path: str | Path, fingerprint: str) -> bool:
-    """True when ``path`` holds a finished store (manifest written) made under ``fingerprint``."""
+def shard_meta(f: Path) -> dict | None:
+    """The ``ssb`` metadata of shard file ``f`` (its fingerprint, index, skip records), or None if unreadable."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("fingerprint") == fingerprint
-    except (OSError, json.JSONDecodeError):
-        return False
+        with safe_open(str(f), framework="pt") as h:
+            meta = json.loads((h.metadata() or {})["ssb"])
+    except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def shard_problem(f: Path, rec: dict, *, verify: bool = True) -> str | None:
+    """What is wrong with shard file ``f`` against its manifest entry ``rec`` (missing, size, sha256 with
+    ``verify``), or None. One check for the reader (:class:`TeacherStore`) and for ``ssb capture``'s repair."""
+    if not f.exists():
+        return f"shard listed in {MANIFEST} is missing"
+    if f.stat().st_size != rec.get("bytes"):
+        return f"size {f.stat().st_size} != {rec.get('bytes')} bytes in {MANIFEST} (truncated?)"
+    if verify and sha256_file(f) != rec.get("sha256"):
+        return f"sha256 does not match {MANIFEST} (corrupt shard)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,12 +252,9 @@ class TeacherStore:
 
     def _load_shard(self, rec: dict, verify: bool) -> dict[str, torch.Tensor]:
         f = self.path / rec["file"]
-        if not f.exists():
-            raise StoreError(f"{f}: shard listed in {MANIFEST} is missing")
-        if f.stat().st_size != rec["bytes"]:
-            raise StoreError(f"{f}: size {f.stat().st_size} != {rec['bytes']} bytes in {MANIFEST} (truncated?)")
-        if verify and sha256_file(f) != rec["sha256"]:
-            raise StoreError(f"{f}: sha256 does not match {MANIFEST} (corrupt shard; rerun ssb capture)")
+        problem = shard_problem(f, rec, verify=verify)
+        if problem is not None:
+            raise StoreError(f"{f}: {problem}; rerun ssb capture to repair it")
         try:
             t = _mmap_tensors(f)
         except (ValueError, RuntimeError, KeyError, struct.error) as e:
