@@ -138,7 +138,9 @@ def dispatch(args: argparse.Namespace) -> int:
         "train": lambda: {"resume": args.resume, "dry_run": args.dry_run},
     }.get(args.stage, dict)()
     stage = next(s for s in STAGES if s.name == args.stage)
-    return int(stage.run(cfg, **options) or 0)
+    from ssb.run.runner import run_stage
+
+    return run_stage(stage, cfg, **options)
 
 
 def preflight(args: argparse.Namespace, cfg: SSBConfig, *, model: bool = True) -> None:
@@ -181,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         parser.print_help()
         return 2
+    from ssb.run import interrupt
+
     try:
-        return dispatch(args)
+        with interrupt.guard():  # SIGTERM acts as Ctrl-C; children end with this process, even on SIGKILL
+            return dispatch(args)
+    except KeyboardInterrupt as e:  # one line, exit 130, the stage recorded as interrupted in run.json
+        if args.debug:
+            raise
+        return interrupt.report(e, args.stage)
     except Exception as e:  # noqa: BLE001 - sorted below: the user's errors in one line, bugs with a traceback
         from ssb.run.runner import StageFailed
 

@@ -185,6 +185,10 @@ def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) ->
     """``ssb rollout``: load ``cfg.data``, sample ``cfg.rollout.k`` graded rollouts each into RUN_DIR/rollout."""
     layout = RunLayout(cfg.run_dir)
     problems, report = load_stage_problems(cfg)
+    if not problems:  # nothing to sample is the user's to fix, never a successful empty run
+        d = cfg.data
+        raise InputError(f"data.source={d.source} (split {d.split}, limit {d.limit}): no problems to roll out"
+                         f" ({report['skipped']} skipped as invalid)")  # fmt: skip
     save_config(cfg, layout.rollout)
     stats = run_rollouts(cfg, problems, layout, engine=engine, input_report=report, resume=resume)
     s = stats["samples"]

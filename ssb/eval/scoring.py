@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import sys
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from ssb.config import EngineConfig, EvalConfig, ModelConfig, config_to_dict
 from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, weights_stamp
+from ssb.core.procs import die_with_parent
 from ssb.eval.protocols import Protocol, resolve_protocol
 from ssb.eval.report import markdown_table
 from ssb.eval.stats import aggregate
@@ -70,8 +72,10 @@ class InlineExecutor(Executor):
 def make_grader_pool(workers: int) -> Executor:
     if workers <= 0:
         return InlineExecutor()
-    # spawn, not fork: the parent holds engine threads (vLLM, torch) that a fork would copy half-locked
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    # spawn, not fork: the parent holds engine threads (vLLM, torch) that a fork would copy half-locked; each
+    # worker dies with this process (even on SIGKILL) and leaves Ctrl-C to it (ssb.core.procs)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

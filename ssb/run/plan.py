@@ -7,6 +7,7 @@ builds ``ssb <stage>`` from this list; ``ssb run`` runs it in order with :data:`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from ssb.config import SSBConfig
 from ssb.core.layout import RunLayout
+from ssb.run import outputs
 from ssb.run.rounds import ROUND_STAGES, round_config, round_source, round_students
 
 
@@ -29,6 +31,8 @@ class Stage:
     pipeline: dict[str, Any] = field(default_factory=dict)  # the options ``ssb run`` passes
     # after a successful run: a reason to stop the whole run here (nothing left for later stages), or None
     stop_check: Callable[[SSBConfig], str | None] | None = None
+    # before skipping a finished stage: what is wrong with its outputs on disk (ssb.run.outputs), or None
+    check: Callable[[SSBConfig], str | None] | None = None
 
 
 def _rollout(cfg: SSBConfig, **options: Any) -> int:
@@ -99,13 +103,17 @@ def _eval(cfg: SSBConfig, *, adapter: str | None = None, out: str | Path | None 
 
 STAGES: list[Stage] = [
     Stage("rollout", ("model", "data", "grading", "engine", "rollout"), _rollout,
-          "sample K graded rollouts per problem", {"resume": True}),
+          "sample K graded rollouts per problem", {"resume": True}, check=outputs.rollout),
     Stage("curate", ("curate", "distill"), _curate,
           "pick correct/wrong pairs and write hinted robust solutions (distill.source=on_policy: select the "
-          "student's own samples for the hinted teacher to score)", {"resume": True}, _nothing_to_distil),
-    Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store"),
-    Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True}),
-    Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy"),
+          "student's own samples for the hinted teacher to score)", {"resume": True}, _nothing_to_distil,
+          outputs.curate),
+    Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store",
+          check=outputs.capture),
+    Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True},
+          check=outputs.train),
+    Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy",
+          check=outputs.eval_),
 ]  # fmt: skip
 STAGE_NAMES = [stage.name for stage in STAGES]
 
@@ -118,8 +126,11 @@ def _round_stage(stage: Stage, r: int) -> Stage:
     def run(cfg: SSBConfig, **options: Any) -> int:
         return stage.run(round_config(cfg, r, stage.name), **options)
 
+    def check(cfg: SSBConfig) -> str | None:  # the round's own directory; nothing merged or loaded to look
+        return stage.check(dataclasses.replace(cfg, run_dir=str(RunLayout(cfg.run_dir).round(r).root)))
+
     # a later round with no new pairs still trains on the earlier rounds' pairs: no stop check
-    return Stage(f"{stage.name}@{r}", stage.sections, run, stage.help, stage.pipeline)
+    return Stage(f"{stage.name}@{r}", stage.sections, run, stage.help, stage.pipeline, check=stage.check and check)
 
 
 def expand(plan: list[Stage], rounds: int) -> list[Stage]:

@@ -1,9 +1,11 @@
 """``ssb run``: every stage in order into one run directory, resumable at stage granularity.
 
 ``RUN_DIR/run.json`` records, per stage, its status, timings and the hash of the config it ran with (its
-own section and everything upstream). A rerun skips a completed stage whose hash is unchanged and redoes
-the rest; ``--from STAGE`` forces a restart there. A failure leaves completed stages intact and names the
-stage that failed. The stages come from :mod:`ssb.run.plan`; ``ssb demo`` (:mod:`ssb.run.demo`) builds on this.
+own section and everything upstream). A rerun skips a completed stage whose hash is unchanged and whose outputs
+are still on disk and sound (:mod:`ssb.run.outputs`), and redoes the rest, saying why; ``--from STAGE`` forces a
+restart there. A failure leaves completed stages intact and names the stage that failed; an interrupt (Ctrl-C,
+SIGTERM) records the stage as ``interrupted`` (:mod:`ssb.run.interrupt`). The stages come from
+:mod:`ssb.run.plan`; ``ssb demo`` (:mod:`ssb.run.demo`) builds on this.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from ssb.config import SSBConfig, config_hash, config_to_dict, save_config
 from ssb.core.files import atomic_write_json, sha256_text
 from ssb.core.layout import RunLayout
+from ssb.run import interrupt
 from ssb.run.plan import STAGES, Stage, expand
 
 
@@ -78,6 +81,7 @@ def run_pipeline(
     save_config(cfg, run_dir)
     manifest = load_manifest(run_dir)
     manifest.update(config_hash=config_hash(cfg), versions=_versions())
+    manifest.pop("interrupted", None)  # an earlier run's; this run records its own
     hashes = stage_hashes(cfg, plan)
     forced = False
     stale = False
@@ -86,15 +90,19 @@ def run_pipeline(
         rec = manifest["stages"].get(name, {})
         forced = forced or name == from_stage
         if not forced and not stale and rec.get("status") == "done" and rec.get("config_hash") == hashes[name]:
-            print(f"[ssb run] {name}: done, inputs unchanged, skipped", file=sys.stderr)
-            if _stopped(cfg, stage, plan, manifest):
-                break
-            continue
+            problem = stage.check(cfg) if stage.check else None
+            if problem is None:
+                print(f"[ssb run] {name}: done, inputs unchanged, skipped (outputs verified)", file=sys.stderr)
+                if _stopped(cfg, stage, plan, manifest):
+                    break
+                continue
+            print(f"[ssb run] {name}: done before, but {problem}; redoing it", file=sys.stderr)
         stale = True  # everything after a rerun stage reruns too
+        resuming = " (interrupted last time: resuming)" if rec.get("status") == "interrupted" else ""
         rec = {"status": "running", "config_hash": hashes[name], "started": time.time()}
         manifest["stages"][name] = rec
         atomic_write_json(RunLayout(run_dir).manifest, manifest)
-        print(f"[ssb run] {name}: running", file=sys.stderr)
+        print(f"[ssb run] {name}: running{resuming}", file=sys.stderr)
         t0 = time.perf_counter()
         try:
             rc = stage.run(cfg, **stage.pipeline)
@@ -102,9 +110,13 @@ def run_pipeline(
                 raise StageFailed(f"stage {name} exited with status {rc}", name)
         except BaseException as e:
             rec.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+            if isinstance(e, KeyboardInterrupt) or interrupt.requested():  # also when a library wrapped it
+                rec.pop("error")
+                interrupt.record(run_dir, name, manifest)
+                raise interrupt.Interrupted(name) from e
             rec["traceback"] = traceback.format_exc(limit=8)
             atomic_write_json(RunLayout(run_dir).manifest, manifest)
-            if isinstance(e, KeyboardInterrupt | StageFailed):
+            if isinstance(e, StageFailed):
                 raise
             raise StageFailed(
                 f"stage {name} failed: {type(e).__name__}: {e} (details in {RunLayout(run_dir).manifest})", name
@@ -117,6 +129,17 @@ def run_pipeline(
         manifest["stopped"] = None
         atomic_write_json(RunLayout(run_dir).manifest, manifest)
     return manifest
+
+
+def run_stage(stage: Stage, cfg: SSBConfig, **options) -> int:
+    """One stage alone (``ssb rollout``, ``ssb capture``, ...): an interrupt is recorded in ``run.json``."""
+    try:
+        return int(stage.run(cfg, **options) or 0)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or interrupt.requested():
+            interrupt.record(cfg.run_dir, stage.name)
+            raise interrupt.Interrupted(stage.name) from e
+        raise
 
 
 def _stopped(cfg: SSBConfig, stage: Stage, plan: list[Stage], manifest: dict) -> bool:

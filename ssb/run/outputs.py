@@ -1,0 +1,121 @@
+"""What each stage's finished outputs are, and whether they are still on disk and sound.
+
+``ssb run`` skips a stage that ``run.json`` records as done with unchanged inputs only when the stage's check here
+finds nothing wrong; a stage whose outputs were deleted, truncated or corrupted since is redone, and the runner
+says why. Each check returns None (sound) or one line naming the file and the fault. The checks are cheap except
+the teacher store's, which reads every shard once to compare its sha256 with the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ssb.config import SSBConfig
+from ssb.core.files import read_json
+from ssb.core.layout import RunLayout
+
+Check = Callable[[SSBConfig], "str | None"]
+
+
+def _missing(*paths: Path) -> str | None:
+    gone = [p for p in paths if not p.is_file()]
+    return f"{gone[0]} is missing" if gone else None
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def rollout(cfg: SSBConfig) -> str | None:
+    """rollouts.jsonl holds problems x K samples, as rollout_stats.json counts them."""
+    layout = RunLayout(cfg.run_dir)
+    if problem := _missing(layout.problems, layout.rollouts, layout.rollout_stats):
+        return problem
+    stats = read_json(layout.rollout_stats)
+    if stats is None or "samples" not in stats:
+        return f"{layout.rollout_stats} is unreadable"
+    n, want = _lines(layout.rollouts), stats["problems"] * stats["k"]
+    if n != want or n != stats["samples"]["total"]:
+        return f"{layout.rollouts} has {n} samples, {layout.rollout_stats} expects {want}"
+    return None
+
+
+def curate(cfg: SSBConfig) -> str | None:
+    """teacher.jsonl and student.jsonl each hold the pairs curation_stats.json counts."""
+    layout = RunLayout(cfg.run_dir)
+    if problem := _missing(layout.curate_teacher, layout.curate_student, layout.curate_stats):
+        return problem
+    stats = read_json(layout.curate_stats)
+    if stats is None or "pairs" not in stats:
+        return f"{layout.curate_stats} is unreadable"
+    for path in (layout.curate_teacher, layout.curate_student):
+        if (n := _lines(path)) != stats["pairs"]:
+            return f"{path} has {n} examples, {layout.curate_stats} counts {stats['pairs']}"
+    return None
+
+
+def capture(cfg: SSBConfig) -> str | None:
+    """The teacher store loads with every shard present, whole and matching its sha256."""
+    from ssb.store import StoreError, TeacherStore
+
+    try:
+        TeacherStore(RunLayout(cfg.run_dir).store, verify=True)
+    except StoreError as e:
+        return str(e).removesuffix("; rerun ssb capture to repair it")
+    return None
+
+
+def train(cfg: SSBConfig) -> str | None:
+    """The final adapter: its config parses and its weights file is a whole safetensors file."""
+    adapter = RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir)
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if problem := _missing(config, weights):
+        return problem
+    if read_json(config) is None:
+        return f"{config} is unreadable"
+    return _safetensors_problem(weights)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file whose header does not parse or whose tensors run past its end (truncated)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        return f"{path} is not a readable safetensors file"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return None if 8 + n + end == size else f"{path} is {size} bytes, its header says {8 + n + end} (truncated?)"
+
+
+def eval_labels(cfg: SSBConfig) -> list[str]:
+    """The models ``ssb run``'s eval stage scores (``ssb.run.plan``'s eval): the base and the trained student(s)."""
+    base = ["base"] if cfg.eval.include_base else []
+    trained = RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir)
+    adapter = cfg.eval.adapter
+    if cfg.rounds > 1 and adapter in (None, str(trained)):
+        return base + [f"round{r}" for r in range(1, cfg.rounds + 1)]
+    if adapter is None and (trained / "adapter_config.json").exists():
+        adapter = str(trained)
+    if adapter is None:
+        return ["base"]
+    return base + ["ssb" if adapter == str(trained) else Path(adapter).name]
+
+
+def eval_(cfg: SSBConfig) -> str | None:
+    """Every scored model's results.json parses, and the report over them is there."""
+    layout = RunLayout(cfg.run_dir)
+    for label in eval_labels(cfg):
+        results = read_json(layout.results(label))
+        if results is None or "benchmarks" not in results:
+            return f"{layout.results(label)} is missing or unreadable"
+    return _missing(layout.eval / "report.md")
+
+
+CHECKS: dict[str, Check] = {"rollout": rollout, "curate": curate, "capture": capture, "train": train, "eval": eval_}
