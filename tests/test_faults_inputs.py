@@ -92,6 +92,36 @@ def test_a_value_out_of_range_is_one_line_naming_the_override(finished_run, caps
     assert tree(finished_run) == before  # capture.k=0 once deleted a finished store
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.source={tmp}/nope.jsonl", "data.source: {tmp}/nope.jsonl: no such file"),
+        ("data.source={tmp}/notes.txt", "data.source: {tmp}/notes.txt is a .txt file; expected .jsonl"),
+        ("eval.benchmarks=[toy, {tmp}/nope.jsonl]", "eval.benchmarks[1]: {tmp}/nope.jsonl: no such file"),
+        ("model.name_or_path={tmp}/no-model", "model.name_or_path: '{tmp}/no-model' is neither a local directory"),
+        ("model.name_or_path={tmp}/notes.txt", "is a file, not a model directory"),
+        ("train.extra_runs=[{tmp}/nope]", "train.extra_runs[0]: {tmp}/nope is not a run directory"),
+        ("train.output_subdir=../elsewhere", "train.output_subdir: expected a directory name inside run_dir"),
+    ],
+)
+def test_a_path_that_cannot_be_right_is_one_line_at_load(finished_run, capsys, override, expected):
+    tmp = finished_run.parent
+    (tmp / "notes.txt").write_text("my notes\n")
+    before = tree(tmp)
+    override = override.format(tmp=tmp)
+    assert main(["run", "--config", TOY, f"run_dir={finished_run}", override]) == EXIT_USER_ERROR
+    line = one_line(capsys)
+    assert f"override {override}: " in line and expected.format(tmp=tmp) in line, line
+    assert tree(tmp) == before
+
+
+def test_a_hub_dataset_offline_is_one_line_with_the_fix(tmp_path, capsys):
+    over = [f"run_dir={tmp_path / 'run'}", "data.source=ssb-tests/no-such-dataset", "engine.backend=hf"]
+    assert main(["rollout", "--config", TOY, *over]) == EXIT_USER_ERROR
+    line = one_line(capsys)
+    assert "cannot load dataset 'ssb-tests/no-such-dataset'" in line and "pass a local .jsonl/.json/.parquet" in line
+
+
 def test_a_value_out_of_range_in_the_file_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(TOY).read_text().replace("  k: 32\n", "  k: 0\n"))
@@ -321,6 +351,15 @@ def test_a_missing_answer_column_names_the_field_map_key_that_fixes_it(tmp_path,
     fixed = load_config(TOY, [*over, "data.field_map.answer=solution"])  # the fix the line names works
     problems, _ = load_stage_problems(fixed)
     assert [p.answer for p in problems] == ["3"]
+
+
+def test_an_empty_dataset_under_run_is_an_error_not_advice_about_grading(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    over = [f"run_dir={tmp_path / 'run'}", f"data.source={empty}", "engine.backend=hf"]
+    assert main(["run", "--config", TOY, *over]) == EXIT_USER_ERROR
+    line = one_line(capsys)
+    assert f"data.source={empty}" in line and "no problems" in line and "flexible" not in line, line
 
 
 def test_nothing_to_distil_advises_only_what_could_help(tmp_path):

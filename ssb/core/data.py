@@ -232,7 +232,10 @@ def _dataset_rows(source: str, split: str | None, subset: str | None, spec: HubS
         try:
             dsd = datasets.load_dataset(source, config)
         except Exception as e:  # noqa: BLE001 - network, auth or format problems: say which source failed
-            raise RuntimeError(f"cannot load dataset {source!r} (config {config!r}): {e}") from e
+            raise InputError(
+                f"cannot load dataset {source!r} (config {config!r}): {e}; pass a local .jsonl/.json/.parquet file "
+                "or a saved dataset directory instead, or a hub mirror in SSB_DATASETS_MIRROR"
+            ) from e
         split, ds = _pick_split(dsd, split, default, source)
     yield from _table_rows(ds, f"{source}[{split}]", f"{tag}/{split}/")
 
