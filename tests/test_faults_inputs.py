@@ -122,6 +122,37 @@ def test_a_hub_dataset_offline_is_one_line_with_the_fix(tmp_path, capsys):
     assert "cannot load dataset 'ssb-tests/no-such-dataset'" in line and "pass a local .jsonl/.json/.parquet" in line
 
 
+def test_every_numeric_field_has_a_range_or_its_own_rule():
+    """A new int or float field cannot slip in unchecked: it gets a range in RANGES or a rule of its own."""
+    import dataclasses
+    import typing
+
+    from ssb.config import RANGES, SSBConfig
+
+    # checked by rules of their own (temperatures, jsd_beta), or valid at any value (top_k <= 0: off)
+    own_rule = {"rollout.temperature", "curate.temperature", "eval.temperature", "train.kd_temperature",
+                "capture.temperatures", "train.jsd_beta", "rollout.top_k", "curate.top_k"}  # fmt: skip
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from numeric(tp, f"{prefix}{f.name}.")
+            elif {int, float} & {tp, *typing.get_args(tp)}:
+                yield prefix + f.name
+
+    fields = set(numeric(SSBConfig))
+    assert fields - own_rule == set(RANGES) - own_rule and not own_rule & set(RANGES)
+    assert own_rule <= fields
+
+
+def test_debug_shows_the_traceback_of_the_same_error(tmp_path):
+    from ssb.config import ConfigError
+
+    with pytest.raises(ConfigError, match="override rollout.k=0: rollout.k: expected >= 2"):
+        main(["run", "--config", TOY, f"run_dir={tmp_path}", "--debug", "rollout.k=0"])
+
+
 def test_a_value_out_of_range_in_the_file_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(TOY).read_text().replace("  k: 32\n", "  k: 0\n"))
