@@ -139,7 +139,8 @@ def readme_section(rows: list[Row], plot: str | None) -> str:
     if not gpu:
         notes.append(
             "No GPU was lent while this was written: there are no GPU rows yet. `bash bench/gpu.sh` on a bare "
-            "H100/H200 runs the GPU suite (< 10 min) and writes `bench/results/<device>-<commit>.json`."
+            "H100/H200 runs the GPU suite (480 s budget) and writes "
+            "`bench/results/<device>-<commit>.{jsonl,json,md,log}`."
         )
     body = [START, "", table(rows), "", "\n\n".join(notes)]
     if plot:
