@@ -87,3 +87,27 @@ def test_resolved_config_round_trips(tmp_path):
 def test_cli_reports_config_errors(capsys):
     assert main(["train", "train.nope=1"]) == 2
     assert "unknown key train.nope" in capsys.readouterr().err
+
+
+def test_every_numeric_field_has_a_range_or_its_own_rule():
+    """A new int or float field cannot slip in unchecked: it gets a range in RANGES or a rule of its own."""
+    import dataclasses
+    import typing
+
+    from ssb.config import RANGES, SSBConfig
+
+    # checked by rules of their own (temperatures, jsd_beta), or valid at any value (top_k <= 0: off)
+    own_rule = {"rollout.temperature", "curate.temperature", "eval.temperature", "train.kd_temperature",
+                "capture.temperatures", "train.jsd_beta", "rollout.top_k", "curate.top_k"}  # fmt: skip
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from numeric(tp, f"{prefix}{f.name}.")
+            elif {int, float} & {tp, *typing.get_args(tp)}:
+                yield prefix + f.name
+
+    fields = set(numeric(SSBConfig))
+    assert fields - own_rule == set(RANGES) - own_rule and not own_rule & set(RANGES)
+    assert own_rule <= fields
