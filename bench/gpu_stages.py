@@ -33,6 +33,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def plan() -> Plan:
 
     if small_mode():  # spans several tiles of the row kernels in every dimension; seconds under the interpreter
         return Plan(h=40, v=700, k=8, temperature=2.0, check_n=16, regime_n=12, ns=(4, 8, 16), rounds=1)
-    return Plan(h=QWEN_H, v=QWEN_V, k=64, temperature=2.0, check_n=2048, regime_n=256, ns=(8192, 16384, 32768),
+    return Plan(h=QWEN_H, v=QWEN_V, k=64, temperature=2.0, check_n=2048, regime_n=128, ns=(8192, 16384, 32768),
                 rounds=10)  # fmt: skip
 
 
@@ -89,6 +90,15 @@ def slug(dev) -> str:
     if dev.type == "cuda":
         return device_slug(dev)
     return "cpu-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
+
+
+PEERS_DIR = Path(os.environ.get("SSB_PEERS_DIR") or REPO / ".peers")  # as bench/kd_providers.py
+
+
+def use_peers_dir() -> None:
+    """Make ``.peers/`` importable, after everything else (torch still comes from the environment)."""
+    if PEERS_DIR.is_dir() and str(PEERS_DIR) not in sys.path:
+        sys.path.append(str(PEERS_DIR))
 
 
 OPTIONAL = {  # import name -> what lacks without it
@@ -125,7 +135,6 @@ def stage_env() -> int:
 
     import torch
     from hardware import metadata, versions
-    from kd_providers import PEERS_DIR, use_peers_dir
 
     dev = device()
     use_peers_dir()
@@ -148,7 +157,7 @@ def stage_env() -> int:
         info["ssb_kernels"] = str(Path(ssb_kernels.__file__).parent)
     except Exception as e:
         info["ssb_kernels"] = f"import failed: {type(e).__name__}: {e}"
-    info["peers_dir"] = str(PEERS_DIR) if PEERS_DIR.is_dir() else None
+    info["peers_dir"] = str(PEERS_DIR) if PEERS_DIR.is_dir() else None  # make bench-peers installs them there
     have = {m: importlib.util.find_spec(m) is not None for m in OPTIONAL}
     info["have"] = have
     info["missing"] = [f"{m} ({OPTIONAL[m]})" for m, ok in have.items() if not ok]
@@ -413,16 +422,21 @@ def stage_correctness() -> int:
     p = st.plan
     from kernel_cases import make_regime
 
+    def regime(lead: float, tail: float) -> tuple:  # h + regime_n one-hot units = H; built on the CPU
+        t0 = time.perf_counter()
+        hid, w, ids, lp, c = make_regime(p.regime_n, p.h - p.regime_n, p.v, p.k, lead, tail, p.temperature, 1)
+        print(f"make_regime lead {lead:.0f}: {time.perf_counter() - t0:.1f} s", flush=True)
+        return (*(t.to(st.dev) for t in (hid, w, ids, lp, c)), None)
+
+    # the confident students take CPU seconds at Qwen shapes: built in threads (torch releases the GIL) while the
+    # random inputs are made and checked
+    pool = ThreadPoolExecutor(max_workers=2)
+    leads = ((20.0, 0.4), (60.0, 0.0))
+    regimes = {f"lead{lead:.0f}-tail{tail:g}": pool.submit(regime, lead, tail) for lead, tail in leads}
     x = kd_inputs(st, p.check_n, dtype="float32", seed=1)
     mask = x["mask"].clone()
     mask[::5] = False  # masked rows: their loss and dh must be exactly 0
     rand = (x["hidden"].detach(), x["weight"], x["topk_ids"], x["topk_logprobs"], x["lse_t"], mask)
-    regimes = {}
-    for lead, tail in ((20.0, 0.4), (60.0, 0.0)):  # h + regime_n one-hot units = H
-        t0 = time.perf_counter()
-        hid, w, ids, lp, c = make_regime(p.regime_n, p.h - p.regime_n, p.v, p.k, lead, tail, p.temperature, 1)
-        regimes[f"lead{lead:.0f}-tail{tail:g}"] = tuple(t.to(st.dev) for t in (hid, w, ids, lp, c)) + (None,)
-        print(f"make_regime lead {lead:.0f}: {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
 
     def case(name, fn, provider):
@@ -438,10 +452,12 @@ def stage_correctness() -> int:
     for dtype in ("bfloat16", "float16"):
         for div in ("forward_kl", "reverse_kl", "jsd"):
             case(f"{dtype}/{div}", lambda d=dtype, v=div: check_kd(st, f"{d}/{v}", rand, d, v), "kd")
-        for label, inp in regimes.items():
-            case(f"{dtype}/confident-{label}", lambda d=dtype, i=inp: check_kd(st, "", i, d, "forward_kl"), "kd")
         case(f"{dtype}/kd_ce", lambda d=dtype: check_kd_ce(st, rand, d), "kd_ce")
         case(f"{dtype}/topk", lambda d=dtype: check_topk(st, rand[0], rand[1], d), "topk")
+        for label, fut in regimes.items():
+            case(f"{dtype}/confident-{label}", lambda d=dtype, f=fut: check_kd(st, "", f.result(), d, "forward_kl"),
+                 "kd")  # fmt: skip
+    pool.shutdown(wait=False)
     bad = [name for name, r in results if r is None or not r.get("ok")]
     st.rec.add("verdict", ok=not bad, failed=bad, cases=len(results),
                limits={"loss_rel": LOSS_TARGET, "dh_rel": DH_TARGET, "ids": IDS_TARGET})  # fmt: skip
@@ -536,8 +552,6 @@ def stage_kd(ce: bool = False) -> int:
 def peer_fns(st: Stage) -> dict[str, Callable[[dict], Callable[[], None]] | str]:
     """Peers by name: a factory of the timed call, or why it cannot run here."""
     torch = st.torch
-    from kd_providers import use_peers_dir
-
     use_peers_dir()
     out: dict[str, Any] = {}
     cuda = st.dev.type == "cuda"
@@ -560,17 +574,23 @@ def peer_fns(st: Stage) -> dict[str, Callable[[dict], Callable[[], None]] | str]
     elif not cuda:
         out["liger-flce"] = "Liger's fused linear CE is Triton on CUDA: not run on CPU"
     else:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as Liger
+        try:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as Liger
 
-        out["liger-flce"] = hard(lambda h, w, y: Liger.apply(h, w, y))
+            out["liger-flce"] = hard(lambda h, w, y: Liger.apply(h, w, y))
+        except Exception as e:
+            out["liger-flce"] = f"liger_kernel's fused linear CE failed to import: {type(e).__name__}: {e}"
     if importlib.util.find_spec("cut_cross_entropy") is None:
         out["cce"] = "cut_cross_entropy is not importable (make bench-peers installs it into .peers/)"
     elif not cuda:
         out["cce"] = "CCE's kernels are Triton on CUDA (its CPU path compiles with inductor): not run on CPU"
     else:
-        from cut_cross_entropy import linear_cross_entropy
+        try:
+            from cut_cross_entropy import linear_cross_entropy
 
-        out["cce"] = hard(lambda h, w, y: linear_cross_entropy(h, w, y, impl="cce"))
+            out["cce"] = hard(lambda h, w, y: linear_cross_entropy(h, w, y, impl="cce"))
+        except Exception as e:
+            out["cce"] = f"cut_cross_entropy failed to import: {type(e).__name__}: {e}"
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         out["torch-lce"] = hard(torch.nn.functional.linear_cross_entropy)
     else:

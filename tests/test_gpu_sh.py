@@ -97,7 +97,6 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert any(r["stage"] == "summary" and r.get("status") == "done" for r in recs)
 
 
-@pytest.mark.slow
 def test_tiny_budget_skips_later_stages_by_name(tmp_path):
     """SSB_GPU_BUDGET_S=5: the probe's record stays; every stage is skipped, named, for the budget."""
     proc, recs = gpu_sh(tmp_path, timeout=120, SSB_GPU_BUDGET_S="5")
