@@ -20,7 +20,7 @@ from .options import KDOptions, check_impl, check_kd_inputs, head_shape
 from .reference import derive_lse_t, row_losses_from_logp, student_logp_k
 from .rowmath import kd_coefficients
 from .streamed import blocking, head_grad, off_results, stream
-from .streamed_kd import dh_of, operands
+from .streamed_kd import dh_of, operands, row_step
 
 
 def _lse2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class _SparseKDCEStreamed(torch.autograd.Function):
         u_valid = torch.cat([valid, lab_out[:, None]], 1)
         scales = (1.0 / T, 1.0) if T != 1.0 else (1.0,)
         cut = blocking(h.shape[0], v, h.device, opts.chunk_size, opts.row_block)
-        st = stream(h, w, u_idx, u_valid, scales, ctx.needs_input_grad[0], b=cut, rows=rows)
+        st = stream(h, w, u_idx, u_valid, scales, ctx.needs_input_grad[0], b=cut, **row_step(rows))
         log_u, pw_u = off_results(st)
         log_u = [x.double() for x in log_u]
         s_u = st.s_x.view(-1, k + 1).double()  # (N, k + 1) raw logits captured on U (0 where not valid)

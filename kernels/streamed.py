@@ -62,15 +62,18 @@ CUDA_COLS = 4096
 CUDA_TILES = (1024, 256)
 
 
-def blocking(n: int, v: int, device: torch.device, chunk_size: int, row_block: int | None = None) -> Blocking:
+def blocking(n: int, v: int, device: torch.device, chunk_size: int, row_block: int | None = None,
+             cpu_elems: int = CPU_CHUNK_ELEMS) -> Blocking:  # fmt: skip
     """The blocking of an (N rows) x (V columns) pass on ``device``; ``chunk_size`` caps the chunk width and
-    ``row_block`` (None: per device) the rows per block (tests use both to span several blocks)."""
+    ``row_block`` (None: per device) the rows per block (tests use both to span several blocks). ``cpu_elems``:
+    the CPU logit chunk's size in elements (a pass without an (N, H) accumulator, top-k capture, takes wider
+    chunks: fewer per-chunk ops, see ``topk_stream``)."""
     n1 = max(n, 1)
     if device.type == "cuda":
         rows, cols, tiles = min(n1, CUDA_ROWS), min(chunk_size, CUDA_COLS), CUDA_TILES
     else:
         rows, tiles = n1, CPU_TILES
-        cols = min(chunk_size, max(CPU_MIN_CHUNK, CPU_CHUNK_ELEMS // n1))
+        cols = min(chunk_size, max(CPU_MIN_CHUNK, cpu_elems // n1))
     rows = min(rows, row_block) if row_block else rows
     return Blocking(max(1, rows), max(1, min(cols, v)), *tiles)
 
@@ -203,8 +206,31 @@ def torch_rows(s, ex: Excluded, blk: int, chunk: int, st: Running, r0: int, e_dt
     return out
 
 
-def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, rows: str) -> Running:
-    """One pass over the head (module docstring). ``rows``: "torch" or "triton" (the row step).
+def logit_chunks(h: torch.Tensor, weight: torch.Tensor, b: Blocking, dt: torch.dtype):
+    """Every (row block, vocabulary chunk) of a pass, in order: yields (block, r0, chunk, v0, h_b, W_c, s) with
+    s = h_b W_c^T (R, C) in ``dt`` by the vendor GEMM, in one buffer reused by the next chunk. Off CUDA (or for
+    fp32/fp64 inputs) h_b and W_c come widened to ``dt``, once per block / chunk, for both GEMMs to share."""
+    n, v = h.shape[0], weight.shape[0]
+    buf = torch.empty(b.rows * b.cols, dtype=dt, device=h.device)
+    wide = not vendor_half(h)
+    for blk, r0 in enumerate(range(0, n, b.rows)):
+        hb = h[r0 : r0 + b.rows]
+        hb = hb.to(dt) if wide else hb
+        for chunk, v0 in enumerate(range(0, v, b.cols)):
+            wc = weight[v0 : v0 + b.cols]
+            wc = wc.to(dt) if wide else wc
+            out = buf[: hb.shape[0] * wc.shape[0]].view(hb.shape[0], wc.shape[0])
+            yield blk, r0, chunk, v0, hb, wc, mm_acc(hb, wc, out=out)
+
+
+def pass_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype of a pass's logits and running state: fp32, fp64 if an input is (the oracle)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, step, per_row: bool = False) -> Running:
+    """One pass over the head (module docstring). ``step``: the row step, ``torch_rows`` or the Triton one
+    (``triton_rows.triton_row_step``, which needs ``per_row`` CSR offsets).
 
     Shape:
         h (N, H) math or input dtype, weight (V, H), idx (N, kx) long in [0, V), valid (N, kx)
@@ -212,10 +238,9 @@ def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, rows: str) -
         fp32 (fp64 if an input is)
     """
     n, hd = h.shape
-    v = weight.shape[0]
     dev = h.device
-    dt = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32  # fp64: the oracle
-    ex = Excluded(idx, valid, b, v, per_row=rows == "triton")
+    dt = pass_dtype(h, weight)
+    ex = Excluded(idx, valid, b, weight.shape[0], per_row=per_row)
     st = Running(
         m=torch.full((len(scales), n), float("-inf"), dtype=dt, device=dev),
         l=torch.zeros(len(scales), n, dtype=dt, device=dev),
@@ -223,23 +248,11 @@ def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, rows: str) -
         s_x=torch.zeros(idx.numel(), dtype=dt, device=dev),
         scales=tuple(scales),
     )
-    if rows == "triton":
-        from .triton_rows import triton_row_step as step
-    else:
-        step = torch_rows
-    buf = torch.empty(b.rows * b.cols, dtype=dt, device=dev)  # one logit buffer for the whole pass
-    wide = not vendor_half(h)  # off CUDA: widen once per row block / chunk, reused by both GEMMs
-    for blk, r0 in enumerate(range(0, n, b.rows)):
-        hb = h[r0 : r0 + b.rows]
-        hb = hb.to(dt) if wide else hb
-        for chunk, v0 in enumerate(range(0, v, b.cols)):
-            wc = weight[v0 : v0 + b.cols]
-            wc = wc.to(dt) if wide else wc
-            s = mm_acc(hb, wc, out=buf[: hb.shape[0] * wc.shape[0]].view(hb.shape[0], wc.shape[0]))
-            es = step(s, ex, blk, chunk, st, r0, h.dtype)
-            if with_acc:
-                for j, e in enumerate(es):
-                    addmm_acc_(st.acc[j, r0 : r0 + hb.shape[0]], e, wc)
+    for blk, r0, chunk, _, hb, wc, s in logit_chunks(h, weight, b, dt):
+        es = step(s, ex, blk, chunk, st, r0, h.dtype)
+        if with_acc:
+            for j, e in enumerate(es):
+                addmm_acc_(st.acc[j, r0 : r0 + hb.shape[0]], e, wc)
     return st
 
 
@@ -266,7 +279,7 @@ def head_grad(h, weight, idx, valid, dense, sparse, log_offs, scales, b: Blockin
         h (N, H), weight (V, H), idx / valid (N, kx), dense and log_offs: lists of (N,), sparse (N, kx)
         -> (V, H) fp32 (fp64 if an input is)
     """
-    dt = torch.float64 if torch.float64 in (h.dtype, weight.dtype) else torch.float32
+    dt = pass_dtype(h, weight)
     n, hd = h.shape
     v = weight.shape[0]
     hw = h.to(dt)
@@ -274,17 +287,14 @@ def head_grad(h, weight, idx, valid, dense, sparse, log_offs, scales, b: Blockin
     log_offs = [torch.where(torch.isfinite(x), x, 0.0).to(dt) for x in log_offs]
     dw = torch.zeros(v, hd, dtype=dt, device=h.device)
     ex = Excluded(idx, valid, b, v, per_row=False)
-    for blk, r0 in enumerate(range(0, n, b.rows)):
-        hb, r1 = hw[r0 : r0 + b.rows], r0 + b.rows
-        for chunk, v0 in enumerate(range(0, v, b.cols)):
-            wc = weight[v0 : v0 + b.cols].to(dt)
-            s = hb @ wc.t()  # (R, C) raw logits
-            g = torch.zeros_like(s)
-            for c, lo, sc in zip(dense, log_offs, scales):
-                g += c[r0:r1, None] * (s * sc - lo[r0:r1, None]).exp()
-            lo, hi = ex.hits(blk, chunk)
-            g.view(-1).index_fill_(0, ex.row[lo:hi] * s.shape[1] + ex.col[lo:hi], 0.0)
-            dw[v0 : v0 + b.cols].addmm_(g.t(), hb)
+    for blk, r0, chunk, v0, hb, wc, s in logit_chunks(hw, weight, b, dt):  # hw is wide: fp32 GEMMs
+        r1 = r0 + hb.shape[0]
+        g = torch.zeros_like(s)
+        for c, lo, sc in zip(dense, log_offs, scales):
+            g += c[r0:r1, None] * (s * sc - lo[r0:r1, None]).exp()
+        lo, hi = ex.hits(blk, chunk)
+        g.view(-1).index_fill_(0, ex.row[lo:hi] * s.shape[1] + ex.col[lo:hi], 0.0)
+        dw[v0 : v0 + wc.shape[0]].addmm_(g.t(), hb)
     step = max(1, (1 << 22) // max(1, idx.shape[1] * hd))  # rows per block of the (rows, kx, H) sparse part
     for r0 in range(0, n, step):
         part = sparse[r0 : r0 + step].to(dt)[:, :, None] * hw[r0 : r0 + step, None, :]

@@ -18,7 +18,7 @@ import torch
 from .options import KDOptions
 from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
 from .rowmath import kd_coefficients
-from .streamed import blocking, head_grad, off_results, sparse_matvec, stream
+from .streamed import blocking, head_grad, off_results, sparse_matvec, stream, torch_rows
 
 ROW_MATH_ROWS = 2048  # rows per block of the fp64 (rows, k) row math
 
@@ -35,6 +35,15 @@ def operands(hidden: torch.Tensor, weight: torch.Tensor, rows: str) -> tuple[tor
     if dt == torch.float64:
         raise ValueError("impl='triton' takes fp32/fp16/bf16 inputs; use impl='chunked' for float64")
     return hidden.to(dt), weight.to(dt)
+
+
+def row_step(rows: str) -> dict:
+    """``stream``'s row-step arguments for ``rows``: the torch step, or the Triton kernel with per-row CSR."""
+    if rows == "triton":
+        from .triton_rows import triton_row_step
+
+        return {"step": triton_row_step, "per_row": True}
+    return {"step": torch_rows, "per_row": False}
 
 
 def dh_of(rows, pw, ca, idx, cb, weight, dtype, tile_h) -> torch.Tensor:
@@ -66,7 +75,7 @@ class _SparseKDStreamed(torch.autograd.Function):
         row_valid = valid.any(-1)  # (N,)
         idx = topk_ids.long().clamp(min=0)  # (N, k); padding points at id 0 and is masked by `valid`
         b = blocking(n, v, h.device, opts.chunk_size, opts.row_block)
-        st = stream(h, w, idx, valid, (1.0 / T,), need_dh, b=b, rows=rows)
+        st = stream(h, w, idx, valid, (1.0 / T,), need_dh, b=b, **row_step(rows))
         (log_off,), (pw,) = off_results(st)  # (N,) off-K LSE of z / T, (N, H) off-K mean head row
         s_k = st.s_x.view(n, k) / T  # (N, k) student logits z / T on K (0 where not valid)
         c = derive_lse_t(topk_ids, topk_logprobs, T, v) if lse_t is None else lse_t

@@ -25,7 +25,13 @@ import torch
 
 from .options import TopkOptions
 from .reference import math_dtype
-from .streamed import Blocking, blocking, mm_acc, vendor_half
+from .streamed import Blocking, blocking, logit_chunks
+
+# CPU logit chunk for capture, in elements: 2^24 (64 MB in fp32; 8,192 columns at N = 2,048, what the capture used
+# before the streamed pass). Capture keeps no (N, H) accumulator, and each chunk costs ~30 small tensor ops, so
+# the KD pass's 2^21 (1,024 columns at N = 2,048, 149 chunks at V = 151,936) made it 2.4x slower with 2 threads
+# on a loaded 2-core machine, level again at 2^24 (measured once each, noisy).
+TOPK_CPU_ELEMS = 1 << 24
 
 
 def _pow2(x: int) -> int:
@@ -150,20 +156,11 @@ def topk_pass(hidden: torch.Tensor, weight: torch.Tensor, opts: TopkOptions, ste
     Shape: hidden (N, H), weight (V, H) -> TopkRunning over N rows, fp32 (fp64 if an input is)
     """
     n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
     dt = math_dtype(hidden, weight)
-    b = blocking(n, v, dev, opts.chunk_size, opts.row_block)
-    st = TopkRunning.empty(n, opts, dt, dev)
-    buf = torch.empty(b.rows * b.cols, dtype=dt, device=dev)  # one logit buffer for the whole pass
-    wide = not vendor_half(hidden)  # off CUDA: widen once per block / chunk (mm_acc's arithmetic)
-    for r0 in range(0, n, b.rows):
-        hb = hidden[r0 : r0 + b.rows]
-        hb = hb.to(dt) if wide else hb
-        for v0 in range(0, v, b.cols):
-            wc = weight[v0 : v0 + b.cols]
-            wc = wc.to(dt) if wide else wc
-            z = mm_acc(hb, wc, out=buf[: hb.shape[0] * wc.shape[0]].view(hb.shape[0], wc.shape[0]))
-            step(z, st, r0, v0, b)
+    b = blocking(n, v, hidden.device, opts.chunk_size, opts.row_block, cpu_elems=TOPK_CPU_ELEMS)
+    st = TopkRunning.empty(n, opts, dt, hidden.device)
+    for _, r0, _, v0, _, _, z in logit_chunks(hidden, weight, b, dt):
+        step(z, st, r0, v0, b)
     return st
 
 

@@ -219,6 +219,7 @@ def test_triton_and_chunked_capture_the_same_k_logits_and_off_k_sums(rise):
     columns' logits so the off-K max jumps past the lazy reference in a late chunk: the accumulator rows must
     then be rescaled (without it, the early chunks would outweigh the rest by e^25)."""
     from ssb_kernels.streamed import Blocking, off_results, stream
+    from ssb_kernels.streamed_kd import row_step
 
     hid, w, ids, _, _ = make_regime(40, 24, 1003, 16, 30.0, 0.05, 1.0, 2)
     hid = torch.cat([hid, torch.ones(40, 1)], 1)  # a constant unit: its head column adds `rise` to late columns
@@ -226,7 +227,7 @@ def test_triton_and_chunked_capture_the_same_k_logits_and_off_k_sums(rise):
     w[-200:, -1] = rise
     valid = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) > 0.1
     b = Blocking(32, 128, 32, 16)
-    res = {rows: stream(hid, w, ids, valid, (0.5, 1.0), True, b=b, rows=rows) for rows in ("torch", "triton")}
+    res = {rows: stream(hid, w, ids, valid, (0.5, 1.0), True, b=b, **row_step(rows)) for rows in ("torch", "triton")}
     assert torch.equal(res["torch"].s_x, res["triton"].s_x)  # the same fp32 logits, captured at the same slots
     in_k = torch.zeros(40, 1003, dtype=torch.bool).scatter(1, ids, valid)
     z = (hid.double() @ w.double().t()).masked_fill(in_k, float("-inf"))
