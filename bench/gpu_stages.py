@@ -223,7 +223,8 @@ class Stage:
     def measure(self, fn: Callable[[], Any], rounds: int, memory: bool = True) -> dict:
         """First call (compile, cuBLAS init: ``first_call_s``), one more warm-up on CUDA, then timed rounds
         (CUDA events; perf_counter on CPU), fewer when the time left asks. Peak extra memory on CUDA: max
-        allocated during one more call minus what was allocated before it (the inputs)."""
+        allocated during one more call minus what was allocated before it (the inputs; ``fn.hidden``'s old
+        gradient is dropped first, so the dh it returns counts as extra)."""
         torch = self.torch
         cuda = self.dev.type == "cuda"
         self.sync()
@@ -255,6 +256,9 @@ class Stage:
                "first_call_s": round(first, 4), "compile_s": round(max(first - statistics.median(times), 0.0), 4),
                "timer": "cuda events" if cuda else "perf_counter"}  # fmt: skip
         if memory and cuda:
+            hidden = getattr(fn, "hidden", None)
+            if hidden is not None:
+                hidden.grad = None  # the base is the inputs alone: the new dh counts as extra
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -495,6 +499,7 @@ def kd_fn(x: dict, impl: str, ce: bool = False) -> Callable[[], None]:
         else:
             ssb_kernels.sparse_kd_loss(h, w, ids, lp, lse_t=c, mask=mask, temperature=t, impl=impl).backward()
 
+    call.hidden = h
     return call
 
 
@@ -565,6 +570,7 @@ def peer_fns(st: Stage) -> dict[str, Callable[[dict], Callable[[], None]] | str]
                 loss = call(h, w, y)
                 (loss[0] if isinstance(loss, tuple) else loss).backward()
 
+            fn.hidden = h
             return fn
 
         return make
