@@ -151,20 +151,19 @@ def _delete(f: Path) -> str:
 def test_capture_repairs_exactly_the_bad_shard(run_dir, finished, fault):
     store, bad = run_dir / "capture", run_dir / "capture" / shard_name(1)
     before = files(store)
+    n = len(json.loads(before[MANIFEST])["shards"])
     why = fault(bad)
     res = ssb("capture", run_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{bad}: " in res.stderr and why in res.stderr and "recapturing it" in res.stderr
-    assert "2/3 shards already complete, capturing 1" in res.stderr
+    assert f"{n - 1}/{n} shards already complete, capturing 1" in res.stderr
     assert "[capture] " in last_line(res)
     TeacherStore(store, verify=True)  # every shard present, whole, matching the manifest
     after = files(store)
-    shards = [shard_name(j) for j in range(3)]
+    shards = [shard_name(j) for j in range(n)]
     assert {n: after[n] for n in shards} == {n: before[n] for n in shards}  # deterministic: the original bytes
     assert json.loads(after[MANIFEST])["shards"] == json.loads(before[MANIFEST])["shards"]
     assert not list(run_dir.glob("capture.stale-*"))
-    res = ssb("capture", run_dir)  # and now it is whole
-    assert res.returncode == 0 and "complete and up to date" in res.stderr
 
 
 def test_an_empty_dataset_is_an_error(tmp_path):
@@ -224,7 +223,8 @@ def _graders(proc: psutil.Process) -> list[psutil.Process]:
 
 def test_killed_eval_leaves_no_orphans_and_resumes(run_dir):
     shutil.rmtree(run_dir / "eval")
-    extra = ["eval.limit=40", "engine.batch_size=2", "eval.grader_workers=2"]  # a longer eval, graded as it goes
+    limit = 24  # a longer eval, in small batches graded as it goes
+    extra = [f"eval.limit={limit}", "engine.batch_size=2", "eval.grader_workers=2"]
     proc = subprocess.Popen(_cmd("eval", run_dir, *extra), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     parent = psutil.Process(proc.pid)
@@ -243,5 +243,5 @@ def test_killed_eval_leaves_no_orphans_and_resumes(run_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     assert partial.read_text().startswith("".join(kept))  # what was graded before the kill is kept
     results = json.loads((run_dir / "eval" / "base" / "results.json").read_text())
-    assert len(results["benchmarks"]["toy"]["problems"]) == 40
+    assert len(results["benchmarks"]["toy"]["problems"]) == limit
     assert (run_dir / "eval" / "ssb" / "results.json").exists()

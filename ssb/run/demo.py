@@ -19,6 +19,7 @@ from ssb.config import SSBConfig, load_config
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
 from ssb.core.models import merged_model
+from ssb.run import outputs
 from ssb.run.plan import Stage, stage
 from ssb.run.rounds import ensure_student
 from ssb.run.runner import EXIT_STOPPED, load_manifest, run_pipeline
@@ -65,11 +66,16 @@ def _eval_all(cfg: SSBConfig) -> int:
     return 0
 
 
+def eval_labels(cfg: SSBConfig) -> list[str]:
+    """The labels of :func:`eval_models`, without merging anything: base, SSB, SFT, then SSB of rounds 2..R."""
+    return [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
+
+
 def demo_plan() -> list[Stage]:
     return [
         *(stage(n) for n in ("rollout", "curate", "capture", "train")),
-        Stage("train_sft", (), _train_sft),
-        Stage("eval", ("eval",), _eval_all),
+        Stage("train_sft", (), _train_sft, check=lambda cfg: outputs.train(sft_config(cfg))),
+        Stage("eval", ("eval",), _eval_all, check=lambda cfg: outputs.results(cfg, eval_labels(cfg))),
     ]
 
 
@@ -102,7 +108,7 @@ def build_report(cfg: SSBConfig) -> dict:
     from ssb.store import TeacherStore, summarize
 
     layout = RunLayout(cfg.run_dir)
-    labels = [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
+    labels = eval_labels(cfg)
     results = {label: load_results(layout.results(label)) for label in labels}
     bench = cfg.eval.benchmarks[0]
 

@@ -108,14 +108,19 @@ def eval_labels(cfg: SSBConfig) -> list[str]:
     return base + ["ssb" if adapter == str(trained) else Path(adapter).name]
 
 
+def results(cfg: SSBConfig, labels: list[str]) -> str | None:
+    """The results.json of every model in ``labels`` parses (the demo's eval stage checks its own labels)."""
+    layout = RunLayout(cfg.run_dir)
+    for label in labels:
+        res = read_json(layout.results(label))
+        if res is None or "benchmarks" not in res:
+            return f"{layout.results(label)} is missing or unreadable"
+    return None
+
+
 def eval_(cfg: SSBConfig) -> str | None:
     """Every scored model's results.json parses, and the report over them is there."""
-    layout = RunLayout(cfg.run_dir)
-    for label in eval_labels(cfg):
-        results = read_json(layout.results(label))
-        if results is None or "benchmarks" not in results:
-            return f"{layout.results(label)} is missing or unreadable"
-    return _missing(layout.eval / "report.md")
+    return results(cfg, eval_labels(cfg)) or _missing(RunLayout(cfg.run_dir).eval / "report.md")
 
 
 CHECKS: dict[str, Check] = {"rollout": rollout, "curate": curate, "capture": capture, "train": train, "eval": eval_}
