@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -185,3 +188,19 @@ def run(fn, hid, w, ids, lp, c, opts):
     loss = fn(x, w, ids, lp, c, None, opts)
     loss.sum().backward()
     return loss.detach(), x.grad
+
+
+def run_under_interpreter(test_file: str, timeout: int = 900) -> None:
+    """Re-run ``test_file``'s Triton tests in a fresh process with TRITON_INTERPRET=1 (it must be set before
+    triton is imported, so the parent pytest process never imports triton in interpreter mode)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "not interpreter_suite"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-1000:]

@@ -11,12 +11,10 @@ to measure is the kernel's own fp32 arithmetic.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import run_under_interpreter
 from ssb_kernels import topk_logprobs
 from ssb_kernels.options import TopkOptions
 
@@ -183,11 +181,4 @@ def test_triton_topk_qwen_shapes_bf16_gpu():
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already in the interpreter or on CUDA")
 def test_interpreter_suite():
     """Run this file's Triton tests under TRITON_INTERPRET=1 in a fresh process (CPU CI)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "not interpreter_suite"],
-        cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    run_under_interpreter(__file__, timeout=600)

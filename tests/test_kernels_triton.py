@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import Case, make_case, make_regime, opts_of, regime_opts
+from kernel_cases import Case, make_case, make_regime, opts_of, regime_opts, run_under_interpreter
 from ssb_kernels import KDOptions, sparse_kd_ce_loss, sparse_kd_loss
 from ssb_kernels.reference import sparse_kd_eager
 
@@ -105,15 +102,7 @@ def check_triton(inputs, opts: KDOptions, dtype: torch.dtype, weight_grad: bool 
 @pytest.mark.skipif(INTERPRET or CUDA, reason="already in the interpreter or on CUDA")
 def test_interpreter_suite():
     """Run this file's Triton tests under TRITON_INTERPRET=1 in a fresh process (CPU CI)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", "not interpreter_suite"],
-        cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-1000:]
+    run_under_interpreter(__file__, timeout=900)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the interpreter runs CPU tensors by design")
