@@ -65,7 +65,7 @@ def kind(figure: str) -> str | None:
 
 
 def from_pytest_benchmark(data: dict[str, Any], *, skip_recorded: bool = False) -> dict[str, Any]:
-    """A raw pytest-benchmark JSON (``--benchmark-json``, bench/kd_gpu.py) as one suite: numeric ``extra_info``
+    """A raw pytest-benchmark JSON (``pytest bench --benchmark-json``) as one suite: numeric ``extra_info``
     values that :func:`kind` tracks become figures (plus the timer's ``time_min_s``), the rest params.
     ``skip_recorded`` leaves out benchmarks that ``bench_record`` also wrote to a suite file."""
     ssb = data.get("ssb") or {}
@@ -164,8 +164,8 @@ def load_many(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
 
 
 def combine(paths: list[str | Path]) -> dict[str, Any]:
-    """Everything :func:`load_many` reads, regrouped by suite as ``{"devices", "suites": {...}}`` (baselines,
-    gpu.sh); loading the written file gives back the same ``suite/entry`` names."""
+    """Everything :func:`load_many` reads, regrouped by suite as ``{"devices", "suites": {...}}`` (``--save``:
+    the baseline file); loading the written file gives back the same ``suite/entry`` names."""
     suites: dict[str, dict[str, Any]] = {}
     for key, entry in load_many(paths).items():
         suite, name = key.split("/", 1)

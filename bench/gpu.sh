@@ -4,13 +4,16 @@
 #   bash bench/gpu.sh                                             # Qwen2.5-3B shapes, budget 480 s
 #   SSB_GPU_BUDGET_S=300 SSB_COMMIT=abc1234 OUT=/some/dir bash bench/gpu.sh
 #   SSB_GPU_SMALL=1 TRITON_INTERPRET=1 OUT=DIR bash bench/gpu.sh    # CPU dry run: same stages, tiny shapes (~1-2 min)
-# Stages, in order of value (bench/kd_gpu.py STAGES), each in its own process under one global deadline
-# (SSB_GPU_BUDGET_S from this script's start; 180 s by default for SSB_GPU_SMALL): correctness (bf16/fp16 vs
-# eager float64; a failure stops the timing stages), kd, kd_ce, peers (Liger, CCE: when importable, also from
-# .peers/), topk, pytest (when installed). A stage that the time left cannot cover is skipped and named; one
-# that overruns is killed at the deadline. Every result is appended to $OUT/<device-slug>-<commit>.jsonl the
-# moment it exists (default OUT: bench/results/; for SSB_GPU_SMALL a temporary folder), with a .log, and, if
-# time remains, a .md summary (README table rows) and a .json suite for bench/report.py and bench/check.py.
+# Kernels only (ssb_kernels' public API; ssb is never imported): the training-step and max-context suites
+# (bench/test_bench_train.py, test_bench_maxctx.py) run by `pytest bench` on a machine with ssb installed.
+# Stages, in order of value (bench/kd_gpu.py STAGES; code: bench/gpu_stages.py and the gpu_*.py it imports), each in
+# its own process under one global deadline (SSB_GPU_BUDGET_S from this script's start; 180 s by default for
+# SSB_GPU_SMALL): correctness (bf16/fp16 vs eager float64; a failure stops the timing stages), kd, kd_ce, peers
+# (Liger, CCE: when importable, also from .peers/), topk, pytest -m gpu (when installed). A stage that the time left
+# cannot cover is skipped and named; one that overruns is killed at the deadline. Every result is appended to
+# $OUT/<device-slug>-<commit>.jsonl the moment it exists (default OUT: bench/results/; for SSB_GPU_SMALL a temporary
+# folder), with a .log, and, if time remains, a .md summary (README table rows) and a .json suite for
+# bench/report.py and bench/check.py.
 # SSB_COMMIT names the commit where the checkout has no .git. SSB_GPU_STAGES=kd,topk runs a subset.
 # ssb_kernels is made importable by a PYTHONPATH shim (the repo's kernels/ folder linked as ssb_kernels).
 set -euo pipefail

@@ -1,5 +1,6 @@
 """KD loss providers on one shared input dict (bench/shapes.py): ours, the peers users would pick instead, and the
-bare-GEMM floor. Used by bench/test_bench_kd.py, bench/peers.py (CPU side by side) and bench/kd_gpu.py.
+bare-GEMM floor. Used by bench/test_bench_kd.py and bench/peers.py (CPU side by side); bench/gpu.sh's stages
+do not import it (they keep to ssb_kernels' public API: bench/gpu_timings.py has its own floor and peers).
 
 Every provider runs one forward + backward (gradient to ``hidden``; the head is frozen) on the same student
 hidden states and head; the peers that take a sparse teacher get the same top-k teacher, converted to what

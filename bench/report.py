@@ -79,7 +79,7 @@ def load_rows(paths: list[Path]) -> list[Row]:
 
 
 def default_paths() -> list[str]:
-    """bench/results and each folder in it (bench/gpu.sh writes one per device and commit)."""
+    """bench/results and each folder in it (e.g. a bench/gpu.sh ``OUT`` folder copied back from a GPU machine)."""
     top = measure.results_dir()
     return [str(top), *(str(d) for d in sorted(top.iterdir()) if d.is_dir())] if top.is_dir() else [str(top)]
 

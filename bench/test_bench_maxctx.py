@@ -7,6 +7,8 @@ process so the memory cap never leaks into other benchmarks. CPU (not with --qui
 LoRA and QLoRA) under an 8 GiB cap up to its 8,192-position context; every probe a fresh process (see
 ssb/train/dryrun.py).
 Figures: ``max_seq_len_tokens`` (gated by bench/check.py: lower is worse) and the peak at that length.
+Run: ``pytest bench/test_bench_maxctx.py`` (part of ``pytest bench``) on a machine with ssb installed; bench/gpu.sh
+measures the kernels alone and does not run it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _record(bench_record, report: dict, shape: str, device: str) -> None:
 
 @pytest.mark.gpu
 def test_max_context_24gib_qlora_qwen3b(bench_record, tmp_path):
-    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (gpu.sh installs it from .whl/ if carried)")
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install -e '.[gpu]')")
     report = _dry_run(tmp_path, "configs/qwen2.5_3b_config.json", 24.0, "bfloat16", True, timeout=420)
     _record(bench_record, report, "qwen2.5-3b-qlora", "cuda")
 
