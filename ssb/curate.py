@@ -10,7 +10,8 @@ or when the problems run out, and says which.
 Outputs under ``RUN_DIR/curate/``: ``teacher.jsonl`` and ``student.jsonl`` (line i of each is the same example),
 ``curation_stats.json`` (one status per problem, the counts add up to the number of problems; and the hinted
 teacher's per-attempt accuracy), and, private to this stage, ``decisions.jsonl`` (every generated solution and
-its verdict, the audit log and the resume point).
+its verdict, the audit log and the resume point) with ``state.json`` (what it was made with: work of other
+settings or rollouts is moved aside to ``curate.stale-<time>/``, never rewritten).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from ssb.core.files import (
     append_jsonl,
     atomic_write_json,
     atomic_write_jsonl,
+    claim_dir,
     iter_jsonl,
-    read_json,
+    resumable,
     resume_prefix,
     sha256_file,
     weights_stamp,
@@ -39,7 +41,6 @@ from ssb.core.rollouts import read_rollouts, wrong_answer_groups
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
 
 DECISIONS = "decisions.jsonl"  # private: one line per generated candidate (audit log, resume point)
-STATE = "state.json"  # private: what the decisions on disk were made with
 # Every problem ends in exactly one of these (kept problems beyond the target count as not_reached).
 STATUSES = (
     "kept",
@@ -104,7 +105,6 @@ def run_curation(
     """Curate RUN_DIR/rollout into RUN_DIR/curate; return the stats dict (also written to curation_stats.json)."""
     layout = RunLayout(cfg.run_dir)
     out_dir = layout.curate
-    out_dir.mkdir(parents=True, exist_ok=True)
     problems, by_id = read_rollouts(layout)
     status: dict[str, str] = {}
     candidates = []  # (problem, choice) for problems with a pair, in problem order
@@ -124,23 +124,27 @@ def run_curation(
     state["batch_size"] = batch
     path = out_dir / DECISIONS
     decisions: list[dict] = []
-    if resume and path.exists() and read_json(out_dir / STATE) == state:
+    if resumable(out_dir, state, resume) and path.exists():
         decisions = [r for _, r in iter_jsonl(path, tolerate_partial_tail=True)]
     start = resume_prefix(decisions, [p["id"] for p, _ in candidates], 1, batch)
     decisions = decisions[:start]
-    atomic_write_jsonl(path, decisions)
-    atomic_write_json(out_dir / STATE, state)
 
     target = cfg.curate.target_pairs
     kept = sum(d["status"] == "kept" for d in decisions)
     sampling = Sampling.from_config(cfg.curate, n=cfg.curate.attempts)
     owned = engine is None
-    bar = tqdm(total=len(candidates), initial=start, unit="problem", desc="curate", dynamic_ncols=True)
-    lo = start
+    if start < len(candidates) and kept < target and engine is None:
+        engine = make_engine(cfg.model, cfg.engine)  # the model loads: the last input to validate
+    bar = None
     try:
+        # decisions and pairs of other settings or rollouts are moved aside (curate.stale-<time>/), never rewritten
+        outputs = [DECISIONS, layout.curate_teacher.name, layout.curate_stats.name]
+        claim_dir(out_dir, state, outputs, tag="ssb curate", resume=resume)
+        save_config(cfg, out_dir)
+        atomic_write_jsonl(path, decisions)
+        bar = tqdm(total=len(candidates), initial=start, unit="problem", desc="curate", dynamic_ncols=True)
+        lo = start
         while lo < len(candidates) and kept < target:
-            if engine is None:
-                engine = make_engine(cfg.model, cfg.engine)
             chunk = candidates[lo : lo + batch]
             new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, cfg.grading.mode)
             append_jsonl(path, new)
@@ -152,7 +156,8 @@ def run_curation(
             if on_batch is not None:
                 on_batch(lo // batch)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if owned and engine is not None:
             engine.close()
     return _finish(cfg, layout, problems, status, candidates, decisions)
@@ -238,7 +243,6 @@ def hinted_attempts(decisions: list[dict]) -> dict:
 def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) -> int:
     """``ssb curate``: RUN_DIR/rollout -> RUN_DIR/curate/{teacher,student}.jsonl + curation_stats.json."""
     out_dir = RunLayout(cfg.run_dir).curate
-    save_config(cfg, out_dir)
     stats = run_curation(cfg, engine=engine, resume=resume)
     print(
         f"[ssb curate] {stats['pairs']} pairs from {stats['problems']} problems ({stats['stop_reason']});"

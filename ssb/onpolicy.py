@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 import sys
 
-from ssb.config import SSBConfig, save_config
-from ssb.core.files import atomic_write_json, atomic_write_jsonl
+from ssb.config import SSBConfig, config_hash, save_config
+from ssb.core.files import atomic_write_json, atomic_write_jsonl, claim_dir, sha256_file
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import student_messages, teacher_messages
 from ssb.core.rollouts import read_rollouts, wrong_answer_groups
@@ -116,8 +116,12 @@ def run(cfg: SSBConfig, *, resume: bool = True) -> int:
     """Write the on-policy sequences as curate's teacher/student views (``resume`` is accepted: the stage is
     a pure function of the rollouts and is simply redone)."""
     layout = RunLayout(cfg.run_dir)
-    save_config(cfg, layout.curate)
     seqs, stats = select_sequences(cfg)
+    state = {"source": "on_policy", "curate": config_hash(cfg.curate), "distill": config_hash(cfg.distill),
+             "rollouts": sha256_file(layout.rollouts)[:16]}  # fmt: skip
+    outputs = [layout.curate_teacher.name, layout.curate_student.name, layout.curate_stats.name]
+    claim_dir(layout.curate, state, outputs, tag="ssb curate")  # robust curation's pairs are moved aside, not lost
+    save_config(cfg, layout.curate)
     teacher, student = [], []
     for s in seqs:
         p, r, hint = s["problem"], s["sample"], s["hint"]

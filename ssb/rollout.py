@@ -4,7 +4,9 @@ Outputs under ``RUN_DIR/rollout/`` (paths in :class:`ssb.core.layout.RunLayout`)
 problems, so curation needs no dataset), ``rollouts.jsonl`` (one line per sample: id, sample, text, extracted
 answer, gold, correct, finish_reason, num_tokens), ``rollout_stats.json`` (counts that add up), ``timing.json``
 and the resolved ``config.yaml``.
-Resumable: batches are appended with fsync; a rerun keeps the complete batches and continues after them.
+Resumable: batches are appended with fsync; a rerun keeps the complete batches and continues after them. Rollouts
+made under other settings or problems (``state.json``) are moved aside to ``rollout.stale-<time>/``, never
+overwritten.
 Sample ``j`` of problem ``id`` is drawn with seed ``derive_seed(rollout.seed, id, j)``, so a resumed run writes
 the same file as an uninterrupted one. Samples are graded by :func:`ssb.core.grading.grade` (``grading.mode``): a
 truncated sample (finish_reason "length") never counts as correct.
@@ -24,8 +26,9 @@ from ssb.core.files import (
     append_jsonl,
     atomic_write_json,
     atomic_write_jsonl,
+    claim_dir,
     iter_jsonl,
-    read_json,
+    resumable,
     resume_prefix,
     sha256_text,
     weights_stamp,
@@ -35,7 +38,6 @@ from ssb.core.layout import RunLayout
 from ssb.core.prompts import student_messages
 from ssb.engines import Completion, Engine, Sampling, make_engine
 
-STATE = "state.json"  # private: what the rollouts on disk were made with (resume only over the same)
 BatchHook = Callable[[int], None]  # called with the number of finished batches (tests raise here to "kill")
 
 
@@ -94,7 +96,6 @@ def run_rollouts(
 ) -> dict:
     """Sample, grade and append rollouts for ``problems`` into ``layout.rollout``; return the stats dict."""
     out_dir = layout.rollout
-    out_dir.mkdir(parents=True, exist_ok=True)
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -103,25 +104,25 @@ def run_rollouts(
     batch = max(1, cfg.engine.batch_size)
     path = layout.rollouts
     state = _state(cfg, problems)
-    old_state = read_json(out_dir / STATE)
     records: list[dict] = []
-    if resume and old_state == state and path.exists():
+    if resumable(out_dir, state, resume) and path.exists():
         records = [r for _, r in iter_jsonl(path, tolerate_partial_tail=True)]
-    elif path.exists():
-        print(f"[ssb rollout] inputs changed or resume off: starting {path} over", file=sys.stderr)
     start = resume_prefix(records, ids, sampling.n, batch)
-    atomic_write_jsonl(path, records[: start * sampling.n])  # drop a partial batch / partial line
-    atomic_write_json(out_dir / STATE, state)
-    atomic_write_jsonl(
-        layout.problems,
-        ({"id": p.id, "question": p.question, "answer": p.answer, "source": p.source} for p in problems),
-    )
     owned = engine is None
     if start < len(problems) and engine is None:
-        engine = make_engine(cfg.model, cfg.engine)
-    t0, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=len(problems), initial=start, unit="problem", desc="rollout", dynamic_ncols=True)
+        engine = make_engine(cfg.model, cfg.engine)  # the model loads: the last input to validate
+    bar = None
     try:
+        # rollouts of other settings are moved aside (rollout.stale-<time>/), never overwritten
+        claim_dir(out_dir, state, [path.name, layout.rollout_stats.name], tag="ssb rollout", resume=resume)
+        save_config(cfg, out_dir)
+        atomic_write_jsonl(path, records[: start * sampling.n])  # drop a partial batch / partial line
+        atomic_write_jsonl(
+            layout.problems,
+            ({"id": p.id, "question": p.question, "answer": p.answer, "source": p.source} for p in problems),
+        )
+        t0, new_tokens = time.perf_counter(), 0
+        bar = tqdm(total=len(problems), initial=start, unit="problem", desc="rollout", dynamic_ncols=True)
         for b, lo in enumerate(range(start, len(problems), batch), start=start // batch):
             chunk = problems[lo : lo + batch]
             outs = engine.generate(
@@ -139,7 +140,8 @@ def run_rollouts(
             if on_batch is not None:
                 on_batch(b + 1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if owned and engine is not None:
             engine.close()
     elapsed = time.perf_counter() - t0
@@ -189,7 +191,6 @@ def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) ->
         d = cfg.data
         raise InputError(f"data.source={d.source} (split {d.split}, limit {d.limit}): no problems to roll out"
                          f" ({report['skipped']} skipped as invalid)")  # fmt: skip
-    save_config(cfg, layout.rollout)
     stats = run_rollouts(cfg, problems, layout, engine=engine, input_report=report, resume=resume)
     s = stats["samples"]
     print(

@@ -123,8 +123,13 @@ def test_eval_resumes_after_interruption(tmp_path):
     evaluate(*_cfgs(bench), tmp_path / "cut", engine=again)
     assert again.calls == []
     other = ScriptedEngine()
+    old_partial, old_results = partial.read_bytes(), (tmp_path / "cut" / "results.json").read_bytes()
     evaluate(*_cfgs(bench, temperature=0.9), tmp_path / "cut", engine=other)
-    assert sum(other.calls) == 10 and partial.with_name(partial.stem + ".stale.jsonl").exists()
+    assert sum(other.calls) == 10
+    (aside,) = (tmp_path / "cut").glob("partial.stale-*")  # the old partial and results moved aside, never lost
+    assert (aside / partial.name).read_bytes() == old_partial
+    (aside,) = tmp_path.glob("cut.stale-*")
+    assert (aside / "results.json").read_bytes() == old_results and (aside / "results.md").exists()
 
 
 def test_weights_rewritten_in_place_are_not_resumed(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from ssb.store import TeacherStore
 from ssb.store.format import MANIFEST, shard_name
@@ -95,6 +96,27 @@ def test_other_capture_settings_move_the_old_store_aside(run_dir):
     (aside,) = run_dir.glob("capture.stale-*")
     assert files(aside) == before  # the old store, whole
     assert TeacherStore(run_dir / "capture").k == 16
+
+
+@pytest.mark.parametrize(
+    ("command", "stage_dir", "extra"),
+    [("rollout", "rollout", ["rollout.temperature=0.7"]), ("curate", "curate", ["curate.temperature=0.6"]),
+     ("train", "train", ["--resume", "train.lr=1e-3"])],
+    ids=["rollout", "curate", "train"],
+)  # fmt: skip
+def test_other_stage_settings_move_the_finished_outputs_aside(run_dir, command, stage_dir, extra):
+    """A finished stage rerun with another setting of its own keeps the old outputs, byte for byte, under
+    ``<stage>.stale-<time>/`` and starts over (``--resume`` too: it resumes only work of the same settings)."""
+    before = files(run_dir / stage_dir)
+    res = ssb(command, run_dir, *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (aside,) = run_dir.glob(f"{stage_dir}.stale-*")
+    assert f"{run_dir / stage_dir}: made from other settings or inputs, moved to {aside}" in res.stderr
+    assert files(aside) == before  # the finished outputs, whole
+    after = files(run_dir / stage_dir)
+    assert after.keys() == before.keys() and after["state.json"] != before["state.json"]  # made again, anew
+    (section, key), value = extra[-1].split("=")[0].split("."), float(extra[-1].split("=")[1])
+    assert yaml.safe_load(after["config.yaml"])[section][key] == value  # under the new setting
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Small file helpers every stage shares: atomic writes, line-numbered JSONL reading, hashing, batch resume."""
+"""Small file helpers every stage shares: atomic writes, line-numbered JSONL reading, hashing, batch resume, and
+moving aside (never deleting) the outputs of other settings."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -49,6 +51,33 @@ def move_aside(path: str | Path, names: Iterable[str] | None = None) -> Path:
     for name in names:
         (path / name).rename(target / name)
     return target
+
+
+STATE = "state.json"  # in a stage directory: what the work in it was made with (resume only over the same)
+
+
+def resumable(out_dir: str | Path, state: dict, resume: bool = True) -> bool:
+    """Whether ``resume`` is on and ``out_dir/state.json`` records exactly ``state`` (the work there may go on)."""
+    return resume and read_json(Path(out_dir) / STATE) == state
+
+
+def claim_dir(out_dir: str | Path, state: dict, outputs: Iterable[str], *, tag: str, resume: bool = True) -> bool:
+    """Make ``out_dir`` this stage's before it writes there, once its settings, inputs (and model) validated.
+
+    Returns True when ``out_dir/state.json`` records exactly ``state`` and ``resume`` is on: the work there is
+    this stage's to resume. Otherwise, when any of ``outputs`` (names in ``out_dir``) exists, the whole directory
+    is moved aside to ``<out_dir>.stale-<time>/`` (:func:`move_aside`; never deleted) and one line says so. Either
+    way ``out_dir`` exists afterwards and its ``state.json`` records ``state``."""
+    out_dir = Path(out_dir)
+    if resumable(out_dir, state, resume):
+        return True
+    old = read_json(out_dir / STATE)
+    if any((out_dir / name).exists() for name in outputs):
+        why = "a fresh start (resume off)" if old == state else "made from other settings or inputs"
+        print(f"[{tag}] {out_dir}: {why}, moved to {move_aside(out_dir)}", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / STATE, state)
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -4,7 +4,8 @@ Per benchmark, problems are generated in batches through :func:`ssb.engines.make
 or HF + ``PeftModel``); each finished batch is graded in a process pool while the next one generates
 (math-verify's timeouts use ``SIGALRM``, which only works in a process's main thread, hence processes), and
 graded problems are appended to ``OUT/partial/<benchmark>.jsonl`` (private to this stage), so an interrupted eval
-resumes where it stopped; a partial made under another protocol, model or adapter is set aside with a message.
+resumes where it stopped; a partial made under another protocol, model or adapter is moved aside
+(``partial.stale-<time>/``) with a message, and so is a ``results.json`` of other settings (``OUT.stale-<time>/``).
 Metrics live in :mod:`ssb.eval.stats`, tables and the chart in :mod:`ssb.eval.report`.
 """
 
@@ -20,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from ssb.config import EngineConfig, EvalConfig, ModelConfig, config_to_dict
-from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, sha256_file, weights_stamp
+from ssb.core.files import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    move_aside,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    sha256_text,
+    weights_stamp,
+)
 from ssb.core.procs import die_with_parent
 from ssb.eval.protocols import Protocol, resolve_protocol
 from ssb.eval.report import markdown_table
@@ -110,8 +121,7 @@ def _load_partial(path: Path, meta_path: Path, spec: dict) -> dict[str, dict]:
         return {}
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if old != spec:
-        stale = path.with_name(path.stem + ".stale.jsonl")
-        path.replace(stale)
+        stale = move_aside(path.parent, [n for n in (path.name, meta_path.name) if (path.parent / n).exists()])
         print(f"ssb eval: {path} was made with another protocol/model/adapter; moved to {stale}", file=sys.stderr)
         atomic_write_json(meta_path, spec)
         return {}
@@ -223,11 +233,13 @@ def evaluate(
         "model": config_to_dict(model_cfg), "engine": config_to_dict(engine_cfg), "eval": config_to_dict(eval_cfg),
         "benchmarks": {},
     }  # fmt: skip
+    specs: list[dict] = []
     pool = make_grader_pool(eval_cfg.grader_workers)
     try:
         for bench in eval_cfg.benchmarks:
             problems = load_problems(bench, limit=eval_cfg.limit, map_hint=None)
             spec = _spec(protocol, model_cfg, engine_cfg, adapter, bench)
+            specs.append(spec)
             records = evaluate_problems(
                 engine_factory, problems, protocol, spec, out_dir / "partial",
                 adapter=adapter, batch_size=max(1, engine_cfg.batch_size), seed=eval_cfg.seed, pool=pool,
@@ -239,6 +251,18 @@ def evaluate(
         pool.shutdown(wait=True)
         if holder.get("owned") is not None:
             holder["owned"].close()
+    settings = {k: v for k, v in config_to_dict(eval_cfg).items() if k != "grader_workers"}
+    results["fingerprint"] = sha256_text(json.dumps([specs, settings], sort_keys=True))[:16]
+    _set_aside_other_results(out_dir, results["fingerprint"])
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "results.md", markdown_table([results]))
     return results
+
+
+def _set_aside_other_results(out_dir: Path, fingerprint: str) -> None:
+    """A results.json of other settings (or unreadable) is moved aside with its results.md, never overwritten."""
+    path = out_dir / "results.json"
+    old = read_json(path)
+    if path.exists() and (old is None or old.get("fingerprint") != fingerprint):
+        moved = move_aside(out_dir, [n for n in (path.name, "results.md") if (out_dir / n).exists()])
+        print(f"ssb eval: {path} was made from other settings, moved to {moved}", file=sys.stderr)

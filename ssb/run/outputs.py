@@ -29,32 +29,40 @@ def _lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def _counted(stats_path: Path, want: Callable[[dict], int], noun: str, *paths: Path) -> str | None:
+    """Each JSONL file of ``paths`` holds the ``want(stats)`` records its stage's stats file counts."""
+    try:
+        n_want = want(read_json(stats_path))
+    except (TypeError, KeyError, ValueError):
+        return f"{stats_path} is unreadable or does not add up"
+    for path in paths:
+        if (n := _lines(path)) != n_want:
+            return f"{path} has {n} {noun}, {stats_path} expects {n_want}"
+    return None
+
+
+def _samples(stats: dict) -> int:
+    """problems x K, which the sample total must agree with."""
+    if (want := stats["problems"] * stats["k"]) != stats["samples"]["total"]:
+        raise ValueError("the sample total is not problems x k")
+    return want
+
+
 def rollout(cfg: SSBConfig) -> str | None:
     """rollouts.jsonl holds problems x K samples, as rollout_stats.json counts them."""
     layout = RunLayout(cfg.run_dir)
-    if problem := _missing(layout.problems, layout.rollouts, layout.rollout_stats):
-        return problem
-    stats = read_json(layout.rollout_stats)
-    if stats is None or "samples" not in stats:
-        return f"{layout.rollout_stats} is unreadable"
-    n, want = _lines(layout.rollouts), stats["problems"] * stats["k"]
-    if n != want or n != stats["samples"]["total"]:
-        return f"{layout.rollouts} has {n} samples, {layout.rollout_stats} expects {want}"
-    return None
+    return _missing(layout.problems, layout.rollouts, layout.rollout_stats) or _counted(
+        layout.rollout_stats, _samples, "samples", layout.rollouts
+    )
 
 
 def curate(cfg: SSBConfig) -> str | None:
     """teacher.jsonl and student.jsonl each hold the pairs curation_stats.json counts."""
     layout = RunLayout(cfg.run_dir)
-    if problem := _missing(layout.curate_teacher, layout.curate_student, layout.curate_stats):
-        return problem
-    stats = read_json(layout.curate_stats)
-    if stats is None or "pairs" not in stats:
-        return f"{layout.curate_stats} is unreadable"
-    for path in (layout.curate_teacher, layout.curate_student):
-        if (n := _lines(path)) != stats["pairs"]:
-            return f"{path} has {n} examples, {layout.curate_stats} counts {stats['pairs']}"
-    return None
+    paths = (layout.curate_teacher, layout.curate_student)
+    return _missing(*paths, layout.curate_stats) or _counted(
+        layout.curate_stats, lambda stats: stats["pairs"], "examples", *paths
+    )
 
 
 def capture(cfg: SSBConfig) -> str | None:

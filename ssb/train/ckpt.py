@@ -5,20 +5,60 @@ Layout of ``RUN_DIR/train/checkpoints/step-NNNNNN/``: ``adapter/`` (standard PEF
 ``rng-rank<R>.pt`` and ``state.json`` (step = data position, since the example stream is a function of the
 step; see ``ssb.train.data``). A checkpoint is built in a temp directory and renamed into place, so a crash
 never leaves a half-written ``step-*`` directory. Only tensors/primitives are saved, and loading uses
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. ``RUN_DIR/train/state.json`` records what the checkpoints and adapter are made
+from (:func:`train_state`): a run resumes only over its own, and moves any other aside (:func:`claim_train_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ssb.core.files import atomic_write_json
+from ssb.config import SSBConfig, config_hash
+from ssb.core.files import atomic_write_json, claim_dir, read_json, sha256_file, weights_stamp
+from ssb.core.layout import RunLayout
+
+
+def train_state(cfg: SSBConfig, run_dir: Path, examples: Sequence | None = None) -> dict:
+    """What a train directory's checkpoints and adapter are made from: the model (and its weight files), the
+    ``train`` section and the inputs: each run directory's student pairs and teacher store (its fingerprint), or
+    the token ids of ``examples`` given directly."""
+    state = {"model": config_hash(cfg.model), "weights": weights_stamp(cfg.model.name_or_path),
+             "train": config_hash(cfg.train)}  # fmt: skip
+    if examples is not None:
+        ids = b"".join(ex.input_ids.cpu().numpy().tobytes() + b"|" for ex in examples)
+        return {**state, "examples": hashlib.sha256(ids).hexdigest()[:16]}
+    inputs = []
+    for d in (run_dir, *cfg.train.extra_runs):
+        layout = RunLayout(d)
+        store = read_json(layout.store / "manifest.json") or {}
+        inputs.append([sha256_file(layout.curate_student)[:16], store.get("fingerprint")])
+    return {**state, "inputs": inputs}
+
+
+def claim_train_dir(cfg: SSBConfig, run_dir: Path, examples: Sequence | None, *, resume: bool, rank: int,
+                    world: int) -> bool:  # fmt: skip
+    """Whether ``RUN_DIR/<train.output_subdir>`` holds this training's work to resume (``resume`` and the same
+    :func:`train_state`); otherwise rank 0 moves what it holds aside (``train.stale-<time>/``, never deleted).
+    Every rank gets rank 0's answer. Called once the examples and the model loaded."""
+    ours = None
+    if rank == 0:
+        out_dir = RunLayout(run_dir).train(cfg.train.output_subdir)
+        state = train_state(cfg, run_dir, examples)
+        ours = claim_dir(out_dir, state, ["adapter", "checkpoints", "metrics.jsonl"], tag="ssb train", resume=resume)
+    if world > 1:
+        box = [ours]
+        dist.broadcast_object_list(box, src=0)
+        ours = box[0]
+    return bool(ours)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ process with the same global batch.
 
 Inputs: ``RUN_DIR/curate/student.jsonl`` and the teacher store ``RUN_DIR/capture/``. Outputs under
 ``RUN_DIR/train/`` (``train.output_subdir``): ``adapter/`` (standard PEFT format), ``checkpoints/``,
-``metrics.jsonl``, ``config.yaml`` (paths in :class:`ssb.core.layout.RunLayout`).
+``metrics.jsonl``, ``config.yaml`` (paths in :class:`ssb.core.layout.RunLayout`) and ``state.json`` (what they were
+made from: a directory of other settings or inputs, or any with resume off, is moved aside to ``train.stale-<time>/``).
 Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP; gloo on CPU, nccl on CUDA).
 """
 
@@ -19,7 +20,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ssb.config import SSBConfig, save_config
 from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from ssb.core.layout import RunLayout
-from ssb.train.ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from ssb.train.ckpt import claim_train_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssb.train.data import (
     Example,
     check_examples,
@@ -174,7 +174,8 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     rank, world, device = init_distributed()
     layout = RunLayout(run_dir)
     out_dir = layout.train(tc.output_subdir)
-    if examples is None:
+    from_disk = examples is None
+    if from_disk:
         examples = load_examples(cfg, run_dir)
     check_examples(examples)
 
@@ -198,8 +199,11 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     total_steps = steps_for(len(examples), tc.epochs, global_batch, tc.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio, tc.schedule))
 
+    # ---- the output directory: resume only over work of these settings and inputs; any other is moved aside
+    #      (train.stale-<time>/) now that the examples and the model loaded, never deleted
     start_step = 0
-    ckpt = latest_checkpoint(layout.checkpoints(tc.output_subdir)) if resume else None
+    ours = claim_train_dir(cfg, run_dir, None if from_disk else examples, resume=resume, rank=rank, world=world)
+    ckpt = latest_checkpoint(layout.checkpoints(tc.output_subdir)) if ours else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, peft_model, optimizer, scheduler, rank=rank)
         start_step = int(state["step"])
@@ -208,13 +212,10 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
                 f"{ckpt}/state.json: saved with global batch {state['global_batch']}, now {global_batch} "
                 "(batch_size x grad_accum x ranks): the data position would not match; resume with the same batch"
             )
-        metrics = layout.metrics(tc.output_subdir)
-        if rank == 0 and metrics.is_file():  # drop log lines the resumed run will redo
-            kept = [r for r in read_jsonl(metrics, tolerate_partial_tail=True) if r["step"] < start_step]
-            atomic_write_jsonl(metrics, kept)
-    elif rank == 0:  # a fresh run: stale checkpoints and logs of an earlier run would mislead a later --resume
-        shutil.rmtree(layout.checkpoints(tc.output_subdir), ignore_errors=True)
-        layout.metrics(tc.output_subdir).unlink(missing_ok=True)
+    metrics = layout.metrics(tc.output_subdir)
+    if rank == 0 and ours and metrics.is_file():  # drop log lines the resumed run will redo
+        kept = [r for r in read_jsonl(metrics, tolerate_partial_tail=True) if r["step"] < start_step]
+        atomic_write_jsonl(metrics, kept)
     if world > 1:
         dist.barrier()
     facts["resumed_from"] = str(ckpt) if ckpt is not None else None
