@@ -142,8 +142,8 @@ def test_on_policy_reverse_kl_qlora_on_the_real_model(smollm2_dir, tmp_path):
                           "answer": str(ans), "correct": ok, "finish_reason": "stop"})  # fmt: skip
     (run / "rollout" / "rollouts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rolls))
     (run / "rollout" / "rollout_stats.json").write_text("{}")
-    over = [*_over(run, smollm2_dir, data), "distill.source=on_policy", "train.divergence=reverse_kl",
-            "train.qlora=true", "train.max_steps=2"]  # fmt: skip
+    over = [*_over(run, smollm2_dir, data), "distill.source=on_policy", "rollout.k=4",  # the 4 samples above
+            "train.divergence=reverse_kl", "train.qlora=true", "train.max_steps=2"]  # fmt: skip
     for stage in ("curate", "capture", "train"):
         assert main([stage, "--config", "configs/smollm2_gsm8k.yaml", *over]) == 0, stage
     stats = json.loads((run / "curate" / "curation_stats.json").read_text())
