@@ -90,8 +90,12 @@ def stage_env() -> int:
             info["nvidia_smi"] = f"unavailable: {e}"
     try:
         import ssb_kernels
+        from ssb_kernels.streamed import blocking, vendor_caps
 
         info["ssb_kernels"] = str(Path(ssb_kernels.__file__).parent)
+        # which fp32-output half GEMMs this torch has (the streamed pass falls back without them), and its blocking
+        info["vendor_gemm"] = vendor_caps(dev) if dev.type == "cuda" else "widened fp32 GEMMs (not CUDA)"
+        info["blocking_n8192"] = blocking(8192, 151_936, dev, 4096).__dict__
     except Exception as e:
         info["ssb_kernels"] = f"import failed: {type(e).__name__}: {e}"
     info["peers_dir"] = str(PEERS_DIR) if PEERS_DIR.is_dir() else None  # make bench-peers installs them there
