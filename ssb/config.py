@@ -138,6 +138,7 @@ class TrainConfig:
     dry_run_config: str = "configs/qwen2.5_3b_config.json"  # architecture for `ssb train --dry-run`
     dry_run_mem_gib: float = 24.0  # memory cap for the dry-run sequence search
     optimizer: str = "adamw"  # adamw (torch; fused on CUDA) | paged_adamw_8bit (bitsandbytes, CUDA only)
+    report_to: tuple[str, ...] = ()  # trackers beside metrics.jsonl: tensorboard | wandb (offline) (ssb.core.tracking)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ def _check_temperatures(cfg: SSBConfig) -> None:
         )  # fmt: skip
 
 
+TRACKERS = ("tensorboard", "wandb")  # train.report_to's choices (ssb.core.tracking)
+
+
 def _check_rules(cfg: SSBConfig) -> None:
     """The rules between keys, one row each: (key at fault, broken?, rule, other keys involved)."""
     train = cfg.train
@@ -187,6 +190,8 @@ def _check_rules(cfg: SSBConfig) -> None:
          "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on", ("train.ce_weight",)),
         ("train.target_modules", not train.target_modules, "expected at least one module name for the LoRA", ()),
         ("eval.benchmarks", not cfg.eval.benchmarks, "expected at least one benchmark", ()),
+        ("train.report_to", not set(train.report_to) <= set(TRACKERS),
+         f"expected a list of {' / '.join(TRACKERS)} (ssb.core.tracking)", ()),
     ]:  # fmt: skip
         if bad:
             raise ConfigError(f"{key}: {rule}, got {get(cfg, key)!r}", key, *others)

@@ -16,6 +16,7 @@ from ssb.config import SSBConfig
 from ssb.core.files import atomic_write_json
 from ssb.core.layout import RunLayout
 from ssb.core.models import check_adapter
+from ssb.core.tracking import open_tracker
 from ssb.eval.protocols import PROTOCOLS, Protocol, resolve_protocol
 from ssb.eval.report import plot_runs, print_compare, write_report
 from ssb.eval.scoring import evaluate
@@ -71,6 +72,7 @@ def run(
         if engine is not None:
             engine.close()
     report, chart = write_report(runs, out)
+    track(cfg, runs, out)
     print(report.read_text())
     print(f"ssb eval: results in {', '.join(str(out / lb / 'results.json') for lb, _ in plan)}; chart {chart}")
     return 0
@@ -86,9 +88,21 @@ def _eval_models(cfg: SSBConfig, out: Path, students: list[tuple[str, Path]]) ->
         for label, model in models
     ]
     report, chart = write_report(runs, out)
+    track(cfg, runs, out)
     print(report.read_text())
     print(f"ssb eval: results per model in {', '.join(str(out / lb / 'results.json') for lb, _ in models)}")
     return 0
+
+
+def track(cfg: SSBConfig, runs: list[dict], out: Path) -> None:
+    """Each model's per-benchmark summary (pass@1, pass@n, maj@n, rates) to ``train.report_to``'s trackers, under
+    ``OUT/tb`` as ``eval/<label>/<benchmark>/<metric>`` (:mod:`ssb.core.tracking`); nothing when the list is empty."""
+    tracker = open_tracker(cfg.train.report_to, out, run_name=f"{cfg.run_dir}/eval")
+    if tracker is None:
+        return
+    for results in runs:
+        tracker.log_eval(results)
+    tracker.close()
 
 
 def compare_files(a: str | Path, b: str | Path, out: str | Path | None = None) -> int:

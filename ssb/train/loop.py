@@ -15,7 +15,6 @@ Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP; gloo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import random
@@ -30,9 +29,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ssb.config import SSBConfig, save_config
+from ssb.config import SSBConfig, config_to_dict, save_config
 from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from ssb.core.layout import RunLayout
+from ssb.core.tracking import open_tracker
 from ssb.train.ckpt import claim_train_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssb.train.data import (
     Example,
@@ -119,15 +119,6 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float, devi
 
         return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"train.optimizer: expected adamw|paged_adamw_8bit, got {name!r}")
-
-
-def tensorboard_writer(out_dir: Path):
-    """A SummaryWriter under RUN_DIR/train/tb when tensorboard is installed, else None."""
-    if importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out_dir / "tb"))
 
 
 def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
@@ -265,7 +256,9 @@ def train(
             f"({s.world} rank(s)), {s.facts}",
             file=sys.stderr,
         )
-    tb = tensorboard_writer(s.out_dir) if s.is_main else None
+    tracker = (
+        open_tracker(tc.report_to, s.out_dir, run_name=str(run_dir), config=config_to_dict(cfg)) if s.is_main else None
+    )
     bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", disable=not s.is_main, dynamic_ncols=True)
     stopped = False
     for step in range(s.start_step, s.total_steps):
@@ -337,9 +330,8 @@ def train(
         }
         if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
             append_jsonl(layout.metrics(sub), [record])
-            if tb is not None:
-                for key, value in record.items():
-                    tb.add_scalar(f"train/{key}", value, step)
+            if tracker is not None:  # train.report_to: the same figures (ssb.core.tracking)
+                tracker.log(record, step)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['distilled_tokens_per_s']:.0f}")
         bar.update(1)
 
@@ -361,8 +353,8 @@ def train(
             stopped = True
             break
     bar.close()
-    if tb is not None:
-        tb.close()
+    if tracker is not None:
+        tracker.close()
 
     # ---- final adapter (standard PEFT format) + resolved config
     adapter_dir = layout.adapter(sub)
