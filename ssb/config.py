@@ -74,6 +74,7 @@ class CurateConfig(SamplingConfig):
     temperature: float = 0.4
     target_pairs: int = 256
     attempts: int = 1  # robust solutions sampled per problem; the first correct one is kept (paper: 1)
+    export_hf: bool = False  # also save the student pairs as a HF dataset (RUN_DIR/curate/hf, save_to_disk)
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,24 @@ Outputs under ``RUN_DIR/curate/``: ``teacher.jsonl`` and ``student.jsonl`` (line
 ``curation_stats.json`` (one status per problem, the counts add up to the number of problems; and the hinted
 teacher's per-attempt accuracy), and, private to this stage, ``decisions.jsonl`` (every generated solution and
 its verdict, the audit log and the resume point) with ``state.json`` (what it was made with: work of other
-settings or rollouts is moved aside to ``curate.stale-<time>/``, never rewritten).
+settings or rollouts is moved aside to ``curate.stale-<time>/``, never rewritten). With ``curate.export_hf: true``
+the student pairs are also saved with ``datasets.Dataset.save_to_disk`` in ``hf/`` (columns ``id``, ``messages``:
+the student's conversation, system + bare question + robust solution, the format TRL's SFT and GKD trainers take,
+and ``answer``; ``datasets.load_from_disk`` reads it back).
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tqdm import tqdm
 
-from ssb.config import SSBConfig, config_hash, save_config
+from ssb.config import SSBConfig, config_hash, config_to_dict, save_config
 from ssb.core.files import (
     append_jsonl,
     atomic_write_json,
@@ -32,6 +38,7 @@ from ssb.core.files import (
     resumable,
     resume_prefix,
     sha256_file,
+    sha256_text,
     weights_stamp,
 )
 from ssb.core.grading import grade
@@ -117,7 +124,7 @@ def run_curation(
 
     # Resume: decisions.jsonl holds one line per generated candidate, in candidate order, whole batches.
     batch = max(1, cfg.engine.batch_size)
-    state = {"curate": config_hash(cfg.curate), "model": config_hash(cfg.model), "backend": cfg.engine.backend}
+    state = {"curate": _curation_hash(cfg), "model": config_hash(cfg.model), "backend": cfg.engine.backend}
     state["grading"] = config_hash(cfg.grading)
     state["weights"] = weights_stamp(cfg.model.name_or_path)
     state["rollouts"] = sha256_file(layout.rollouts)[:16]
@@ -216,6 +223,8 @@ def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, dec
         student.append({"id": p["id"], "messages": [*student_messages(p["question"]), reply], "answer": p["answer"]})
     atomic_write_jsonl(layout.curate_teacher, teacher)
     atomic_write_jsonl(layout.curate_student, student)
+    if cfg.curate.export_hf:
+        export_hf(student, layout.curate_hf)
     counts = {s: 0 for s in STATUSES}
     for p in problems:
         counts[status[p["id"]]] += 1
@@ -231,6 +240,30 @@ def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, dec
     }
     atomic_write_json(layout.curate_stats, stats)
     return stats
+
+
+def _curation_hash(cfg: SSBConfig) -> str:
+    """``config_hash(cfg.curate)`` without ``export_hf``: exporting changes no pair, so it never invalidates work."""
+    section = {k: v for k, v in config_to_dict(cfg.curate).items() if k != "export_hf"}
+    return sha256_text(json.dumps(section, sort_keys=True))[:16]
+
+
+def export_hf(rows: list[dict], out: Path) -> Path:
+    """``rows`` (student.jsonl's records) as a Hugging Face dataset in ``out`` (replaced whole, never half-written)."""
+    import datasets
+
+    cols = ("id", "messages", "answer")
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "answer": datasets.Value("string"),
+         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]}
+    )  # fmt: skip
+    table = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in cols}, features=features)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    table.save_to_disk(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def hinted_attempts(decisions: list[dict]) -> dict:

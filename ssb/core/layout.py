@@ -81,6 +81,11 @@ class RunLayout:
     def curate_stats(self) -> Path:
         return self.curate / "curation_stats.json"
 
+    @property
+    def curate_hf(self) -> Path:
+        """student.jsonl as a ``datasets.save_to_disk`` directory (``curate.export_hf``)."""
+        return self.curate / "hf"
+
     # ---- capture
     @property
     def store(self) -> Path:
