@@ -48,6 +48,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # vLLM's own: model replicas, each on tensor_parallel_size GPUs
     enforce_eager: bool = False
     batch_size: int = 64  # prompts per generate call (hf) / per resumable chunk (vllm)
     cpu_kv_cache_gib: float = 1.0  # vLLM on CPU: explicit KV-cache size (env VLLM_CPU_KVCACHE_SPACE wins)

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssb.capture.inputs import Item, distilled_sequences, load_items
+from ssb.capture.ranks import Ranks
 from ssb.config import CaptureConfig, ConfigError, SSBConfig, config_to_dict, save_config
 from ssb.core.files import move_aside, sha256_file, sha256_text, weights_stamp
 from ssb.core.layout import RunLayout
@@ -107,7 +108,13 @@ def teacher_identity(cfg: SSBConfig, tokenizer: dict) -> dict:
 
 
 def capture(
-    cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str | Path, out_dir: str | Path, *, backend=None
+    cfg: SSBConfig,
+    teacher_jsonl: str | Path,
+    student_jsonl: str | Path,
+    out_dir: str | Path,
+    *,
+    backend=None,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Capture every curated example into the store at ``out_dir`` (resuming, repairing); returns the manifest.
 
@@ -117,23 +124,41 @@ def capture(
 
     ``backend``: an object with ``name``, ``vocab_size``, ``exact_temperatures`` and ``capture(items, k)``
     (default: the one ``capture.backend`` names, built only when some shard is still missing).
+    ``ranks``: this process's rank under torchrun (default: from the environment, :mod:`ssb.capture.ranks`);
+    each rank captures its own shards, rank 0 moves files aside and writes the manifest.
     """
     out_dir = Path(out_dir)
     check_settings(cfg.capture)
+    ranks = Ranks.from_env() if ranks is None else ranks
+    if ranks.world > 1 and cfg.capture.backend != "hf" and backend is None:
+        raise ConfigError(
+            f"capture.backend={cfg.capture.backend}: only the hf backend captures sharded under torchrun; run "
+            "ssb capture as one process (vLLM spans GPUs by engine.tensor_parallel_size)"
+        )
     plan = plan_capture(cfg, teacher_jsonl, student_jsonl)
     n_shards = max(1, math.ceil(plan.n_inputs / cfg.capture.shard_examples))
-    state = check_store(out_dir, plan.fingerprint, n_shards)
+    state = check_store(out_dir, plan.fingerprint, n_shards)  # every rank reads the same directory
     if state.complete:
-        print(f"[capture] {out_dir}: complete and up to date (every shard verified), nothing to do", file=sys.stderr)
+        if ranks.is_main:
+            print(f"[capture] {out_dir}: complete and up to date (every shard verified), nothing to do",
+                  file=sys.stderr)  # fmt: skip
         return TeacherStore(out_dir, verify=False).manifest
     own_backend = backend is None
-    backend = make_backend(cfg) if own_backend else backend  # the model loads: the last input to validate
+    ranks.start()
     try:
-        _set_aside(state)
-        return write_store(cfg, plan, out_dir, backend, todo=sorted(state.todo))
+        backend = make_backend(cfg) if own_backend else backend  # the model loads: the last input to validate
+        ranks.barrier()  # every rank has read the store (and loaded its model) before anything on disk moves
+        if ranks.is_main:
+            _set_aside(state)
+            if ranks.world > 1 and n_shards < ranks.world:
+                print(f"[capture] {n_shards} shard(s) for {ranks.world} ranks: lower capture.shard_examples "
+                      f"({cfg.capture.shard_examples}) so that every rank has work", file=sys.stderr)  # fmt: skip
+        ranks.barrier()
+        return write_store(cfg, plan, out_dir, backend, todo=sorted(state.todo), ranks=ranks)
     finally:
         if own_backend and hasattr(backend, "close"):
             backend.close()
+        ranks.stop()
 
 
 def _set_aside(state: StoreCheck) -> None:
@@ -147,11 +172,16 @@ def _set_aside(state: StoreCheck) -> None:
             print(f"[capture] {state.path / shard_name(j)}: {why}; recapturing it", file=sys.stderr)
 
 
-def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend, todo: list[int] | None = None) -> dict:
-    """Capture the shards ``todo`` of ``plan`` (default: all), keep the others on disk, then write the manifest."""
+def write_store(
+    cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend, todo: list[int] | None = None, ranks: Ranks | None = None
+) -> dict:
+    """Capture the shards ``todo`` of ``plan`` (default: all) that are this rank's, keep the others on disk; once
+    every rank is done, rank 0 writes the manifest from the shards on disk. Returns the manifest."""
     m, cap = cfg.model, cfg.capture
+    ranks = Ranks() if ranks is None else ranks
     n_shards = max(1, math.ceil(plan.n_inputs / cap.shard_examples))
-    pending = list(range(n_shards)) if todo is None else todo
+    todo = list(range(n_shards)) if todo is None else todo
+    pending = ranks.mine(todo)
     k = min(cap.k, backend.vocab_size)
     header = {
         "fingerprint": plan.fingerprint,
@@ -169,11 +199,13 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend, todo:
     }
     writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
                          store_format=cap.store_format)  # fmt: skip
-    if len(pending) < n_shards:
-        print(f"[capture] {n_shards - len(pending)}/{n_shards} shards already complete, capturing {len(pending)}",
+    ranks.barrier()  # every writer has dropped the stale temp files before any rank writes a new one
+    if len(todo) < n_shards and ranks.is_main:
+        print(f"[capture] {n_shards - len(todo)}/{n_shards} shards already complete, capturing {len(todo)}",
               file=sys.stderr)  # fmt: skip
     t0, n_tok = time.perf_counter(), 0
-    bar = tqdm(pending, desc="capture", unit="shard", file=sys.stderr)
+    desc = "capture" if ranks.world == 1 else f"capture rank {ranks.rank}"
+    bar = tqdm(pending, desc=desc, unit="shard", file=sys.stderr)
     for j in bar:
         lo, hi = j * cap.shard_examples, (j + 1) * cap.shard_examples
         batch = [it for it in plan.items if lo <= it.example_index < hi]
@@ -181,16 +213,24 @@ def write_store(cfg: SSBConfig, plan: CapturePlan, out_dir: Path, backend, todo:
         writer.write_shard(j, examples, [s for s in plan.skipped if lo <= s["example_index"] < hi])
         n_tok += sum(len(it.prompt) + len(it.reply) - 1 for it in batch)
         bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
-    manifest = writer.finish(n_shards)
-    if plan.skipped:
+    bar.close()
+    ranks.barrier()  # every rank's shards are on disk
+    if ranks.is_main:
+        manifest = writer.finish(n_shards)
+    ranks.barrier()  # the manifest is on disk
+    if not ranks.is_main:
+        manifest = TeacherStore(out_dir, verify=False).manifest
+    if plan.skipped and ranks.is_main:
         print(f"[capture] skipped {len(plan.skipped)} of {plan.n_inputs} examples (reasons in {out_dir}/manifest.json)")
     return manifest
 
 
 def run(cfg: SSBConfig) -> int:
-    """``ssb capture``: RUN_DIR/curate/{teacher,student}.jsonl -> RUN_DIR/capture/."""
+    """``ssb capture``: RUN_DIR/curate/{teacher,student}.jsonl -> RUN_DIR/capture/ (sharded under torchrun)."""
     layout = RunLayout(cfg.run_dir)
     manifest = capture(cfg, layout.curate_teacher, layout.curate_student, layout.store)
+    if not Ranks.from_env().is_main:  # under torchrun: rank 0 speaks for the store
+        return 0
     save_config(cfg, layout.store)
     c = manifest["counts"]
     print(

@@ -87,6 +87,7 @@ RANGES: dict[str, Range] = {
     "engine.gpu_memory_utilization": FRACTION,
     "engine.max_model_len": Range(1, note="null: the model's own"),
     "engine.tensor_parallel_size": POSITIVE,
+    "engine.data_parallel_size": POSITIVE,
     "engine.batch_size": POSITIVE,
     "engine.cpu_kv_cache_gib": Range(0, lo_open=True),
     "rollout.k": Range(2, note="curation needs a correct and a wrong sample of one problem"),

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from ssb.config import EngineConfig, ModelConfig
+from ssb.config import ConfigError, EngineConfig, ModelConfig
 from ssb.core.models import check_model_source
 from ssb.core.prompts import end_of_turn_id
 from ssb.engines.types import (
@@ -45,6 +45,7 @@ def platform_kwargs(engine_cfg: EngineConfig) -> dict:
     else:
         kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
         kwargs["tensor_parallel_size"] = engine_cfg.tensor_parallel_size
+        kwargs["data_parallel_size"] = engine_cfg.data_parallel_size  # replicas, each tensor_parallel_size GPUs
     if engine_cfg.max_model_len is not None:
         kwargs["max_model_len"] = engine_cfg.max_model_len
     return kwargs
@@ -93,6 +94,13 @@ def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
             enforce_eager=engine_cfg.enforce_eager,
             **kwargs,
         )
+    except ValueError as e:  # a vLLM that runs data parallel only with one process per replica says so here
+        if kwargs.get("data_parallel_size", 1) > 1 and "data_parallel_size" in str(e):
+            first = str(e).splitlines()[0]
+            raise ConfigError(
+                f"engine.data_parallel_size={kwargs['data_parallel_size']}: vLLM refused it: {first}"
+            ) from None
+        raise
     finally:
         torch.set_num_threads = set_threads
         quiet_repeated_logs()  # vLLM may attach its handlers only while the engine starts
