@@ -16,14 +16,15 @@ MAX_LINES = 400
 
 # Top to bottom: a module may import its own layer or any layer below it, never one above. Written once, here.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("ssb.cli", "ssb.__main__")),
+    # the package root is the Python API's front door: its lazy attributes (PEP 562) reach ssb.run.api
+    ("cli", ("ssb.cli", "ssb.__main__", "ssb")),
     ("run", ("ssb.run",)),
     (
         "stages",
         ("ssb.rollout", "ssb.curate", "ssb.onpolicy", "ssb.capture", "ssb.train", "ssb.eval", "ssb.toy", "ssb.zoo"),
     ),
     ("engines/store", ("ssb.engines", "ssb.store")),
-    ("core", ("ssb.core", "ssb.config", "ssb.toy.world", "ssb")),  # the toy world is data (ssb.core.data serves it)
+    ("core", ("ssb.core", "ssb.config", "ssb.toy.world")),  # the toy world is data (ssb.core.data serves it)
     ("kernels", ("ssb_kernels",)),
 ]
 # A stage talks to another only through files on disk: no stage imports another (the toy tools are one unit).
