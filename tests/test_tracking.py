@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -72,3 +73,37 @@ def test_eval_stage_logs_results_json_figures(tmp_path, monkeypatch):
     tb = scalars(out / "tb")
     assert tb[f"eval/base/{bench}/pass@1"][0] == np.float32(agg["pass@k"]["1"]["value"])
     assert tb[f"eval/base/{bench}/maj@2"][0] == np.float32(agg["maj@k"]["2"]["value"])
+
+
+def test_wandb_gets_the_same_figures_offline_by_default(tmp_path, monkeypatch):
+    """wandb is optional (not installed here): a stand-in module records what the tracker sends it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kw):
+            self.init, self.logged, self.finished = kw, [], False
+            runs.append(self)
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: Run(**kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "unset")  # so that undo removes what the tracker sets
+    monkeypatch.delenv("WANDB_MODE")
+    tracker = Tracker(["wandb"], tmp_path, run_name="r", config={"train": {"lr": 1.0}})
+    tracker.log({"step": 0, "loss": 1.5, "note": "text"}, 0)
+    tracker.close()
+    assert os.environ["WANDB_MODE"] == "offline"
+    (run,) = runs
+    assert run.init["dir"] == str(tmp_path) and run.init["config"] == {"train": {"lr": 1.0}} and run.finished
+    assert run.logged == [(0, {"train/step": 0.0, "train/loss": 1.5})]
