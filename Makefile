@@ -6,6 +6,12 @@ STAMP := $(VENV)/.installed
 
 # Which stack to install: `gpu` when `nvidia-smi -L` lists a CUDA device (asked before torch exists), else `cpu`.
 # `make demo DEVICE=cpu|gpu` forces it.
+# A DEVICE in the environment that is not cpu|gpu (other tools' "cuda:0") is not ours: autodetect then.
+ifeq ($(origin DEVICE),environment)
+ifeq ($(filter $(DEVICE),cpu gpu),)
+DEVICE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+endif
+endif
 DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 ifeq ($(filter $(DEVICE),cpu gpu),)
 $(error DEVICE=$(DEVICE): expected cpu or gpu)

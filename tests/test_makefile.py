@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
-def dry_run(tmp_path: Path, *args: str, nvidia_smi: int | None = None, stamp: str | None = None) -> str:
+def dry_run(
+    tmp_path: Path, *args: str, nvidia_smi: int | None = None, stamp: str | None = None, env_device: str | None = None
+) -> str:
     """``make -n test ARGS`` in a fresh copy (no venv); ``nvidia_smi``: a fake one on PATH exiting with it."""
     work = tmp_path / "repo"
     work.mkdir(parents=True)
@@ -34,6 +36,8 @@ def dry_run(tmp_path: Path, *args: str, nvidia_smi: int | None = None, stamp: st
         path = os.pathsep.join(p for p in path.split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{path}"}
     env.pop("DEVICE", None)
+    if env_device is not None:
+        env["DEVICE"] = env_device
     env.pop("MAKEFLAGS", None)
     out = subprocess.run(["make", "-n", "test", *args], cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -66,6 +70,8 @@ def test_autodetect(tmp_path):
     assert_gpu(dry_run(tmp_path / "g", nvidia_smi=0))
     assert_cpu(dry_run(tmp_path / "c"))
     assert_cpu(dry_run(tmp_path / "broken", nvidia_smi=9))  # nvidia-smi present, no usable device
+    assert_gpu(dry_run(tmp_path / "env", nvidia_smi=0, env_device="cuda:0"))  # another tool's DEVICE: ignored
+    assert_cpu(dry_run(tmp_path / "env_cpu", nvidia_smi=0, env_device="cpu"))  # ours: honoured
 
 
 def test_switching_device_rebuilds_the_venv(tmp_path):
