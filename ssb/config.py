@@ -111,6 +111,7 @@ class TrainConfig:
     use_rslora: bool = False
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     qlora: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 under torchrun: base, LoRA and optimizer states sharded)
     lr: float = 2e-4
     weight_decay: float = 0.0
     batch_size: int = 4

@@ -48,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_impl": KERNEL_IMPLS,
     "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
+    "train.parallel": ("ddp", "fsdp"),
     "eval.protocol": PROTOCOL_NAMES,
 }
 
@@ -189,6 +190,10 @@ def _check_rules(cfg: SSBConfig) -> None:
         ("train.jsd_beta", not 0.0 < train.jsd_beta < 1.0, "expected a value strictly between 0 and 1", ()),
         ("train.kd_weight", train.kd_weight == 0 and train.ce_weight == 0,
          "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on", ("train.ce_weight",)),
+        ("train.qlora", train.qlora and train.parallel == "fsdp",
+         "QLoRA cannot train with train.parallel=fsdp: FSDP2 cannot shard bitsandbytes' 4-bit Params4bit (its "
+         "quantisation state lives outside the tensor); use train.parallel=ddp or train.qlora=false",
+         ("train.parallel",)),
         ("train.target_modules", not train.target_modules, "expected at least one module name for the LoRA", ()),
         ("eval.benchmarks", not cfg.eval.benchmarks, "expected at least one benchmark", ()),
         ("train.report_to", not set(train.report_to) <= set(TRACKERS),

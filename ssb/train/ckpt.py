@@ -1,7 +1,8 @@
 """Trainer checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
 
 Layout of ``RUN_DIR/train/checkpoints/step-NNNNNN/``: ``adapter/`` (standard PEFT format, loadable for eval),
-``trainable.safetensors`` (the exact trainable tensors, used to resume), ``optimizer.pt``, ``scheduler.pt``,
+``trainable.safetensors`` (the exact trainable tensors, used to resume), ``optimizer.pt`` (under FSDP both are
+``dcp/`` instead: ``torch.distributed.checkpoint`` shards, see ``ssb.train.parallel``), ``scheduler.pt``,
 ``rng-rank<R>.pt`` and ``state.json`` (step = data position, since the example stream is a function of the
 step; see ``ssb.train.data``). A checkpoint is built in a temp directory and renamed into place, so a crash
 never leaves a half-written ``step-*`` directory. Only tensors/primitives are saved, and loading uses
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ssb.config import SSBConfig, config_hash
 from ssb.core.files import atomic_write_json, claim_dir, read_json, sha256_file, weights_stamp
 from ssb.core.layout import RunLayout
+from ssb.train.parallel import is_sharded, load_sharded, save_adapter, save_sharded
 
 
 def train_state(cfg: SSBConfig, run_dir: Path, examples: Sequence | None = None) -> dict:
@@ -99,10 +101,13 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        peft_model.save_pretrained(tmp / "adapter")
+    save_adapter(peft_model, tmp / "adapter", rank=rank)  # collective under FSDP
+    if is_sharded(peft_model):  # FSDP: every rank writes its shards (dcp/)
+        save_sharded(tmp, peft_model, optimizer)
+    elif rank == 0:
         save_file(trainable_state(peft_model), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()
     if rank == 0:
@@ -122,6 +127,18 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 def load_checkpoint(path: Path, peft_model: torch.nn.Module, optimizer, scheduler, *, rank: int) -> dict:
     """Restore a checkpoint in place; returns its ``state.json``. Errors name the file that is wrong."""
     state = json.loads((path / "state.json").read_text())
+    if is_sharded(peft_model):
+        load_sharded(path, peft_model, optimizer)
+    else:
+        _load_whole(path, peft_model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def _load_whole(path: Path, peft_model: torch.nn.Module, optimizer) -> None:
     tensors = load_file(path / "trainable.safetensors")
     params = dict(peft_model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
@@ -135,8 +152,3 @@ def load_checkpoint(path: Path, peft_model: torch.nn.Module, optimizer, schedule
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return state

@@ -9,7 +9,8 @@ Inputs: ``RUN_DIR/curate/student.jsonl`` and the teacher store ``RUN_DIR/capture
 ``RUN_DIR/train/`` (``train.output_subdir``): ``adapter/`` (standard PEFT format), ``checkpoints/``,
 ``metrics.jsonl``, ``config.yaml`` (paths in :class:`ssb.core.layout.RunLayout`) and ``state.json`` (what they were
 made from: a directory of other settings or inputs, or any with resume off, is moved aside to ``train.stale-<time>/``).
-Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP; gloo on CPU, nccl on CUDA).
+Runs unchanged under ``torchrun --nproc_per_node N -m ssb train ...`` (DDP, or FSDP2 with ``train.parallel=fsdp``;
+gloo on CPU, nccl on CUDA).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from ssb.train.data import (
     stream_indices,
     teacher_topk_mass,
 )
-from ssb.train.model import StudentBody, attach_lora, build_base, distill_loss_sums, lm_head_weight
+from ssb.train.model import attach_lora, build_base, distill_loss_sums, lm_head_weight
+from ssb.train.parallel import save_adapter, wrap_body
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Setup:
     rank: int
     world: int
     peft_model: torch.nn.Module
-    body: torch.nn.Module  # StudentBody, DDP-wrapped when world > 1
+    body: torch.nn.Module  # StudentBody; DDP-wrapped or FSDP2-sharded when world > 1 (ssb.train.parallel)
     weight: torch.Tensor  # (V, H) frozen LM head
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -177,14 +179,10 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     peft_model.train()
     random.seed(tc.seed + rank)  # per-rank RNG streams (dropout) from here on; the data order is rank-free
     torch.manual_seed(tc.seed + rank)
-    body: torch.nn.Module = StudentBody(peft_model)
-    if world > 1:
-        body = torch.nn.parallel.DistributedDataParallel(
-            body, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    body = wrap_body(peft_model, tc.parallel, world, device)  # the optimizer below gets the sharded parameters
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     facts["trainable_params"] = sum(p.numel() for p in trainable)
-    facts["world_size"] = world
+    facts["world_size"], facts["parallel"] = world, tc.parallel if world > 1 else "none"
     facts["examples"] = len(examples)
     optimizer = make_optimizer(trainable, tc.optimizer, tc.lr, tc.weight_decay, device)
     global_batch = tc.batch_size * tc.grad_accum * world
@@ -359,8 +357,9 @@ def train(
 
     # ---- final adapter (standard PEFT format) + resolved config
     adapter_dir = layout.adapter(sub)
+    if not stopped:
+        save_adapter(s.peft_model, adapter_dir, rank=s.rank)  # FSDP: every rank gathers the LoRA state
     if s.is_main and not stopped:
-        s.peft_model.save_pretrained(adapter_dir)
         atomic_write_json(s.out_dir / "train_facts.json", s.facts)
     if s.world > 1:
         dist.barrier()
