@@ -270,3 +270,18 @@ def test_saved_adapter_reloads_and_reproduces_logits(world, tmp_path):
         z_ref, z_new, z_base = ref(ids).logits, reloaded(ids).logits, plain(ids).logits
     torch.testing.assert_close(z_new, z_ref, atol=1e-6, rtol=1e-6)
     assert (z_new - z_base).abs().max() > 1e-3  # the adapter is not a no-op
+
+
+def test_a_tracker_or_log_cadence_does_not_change_what_a_train_dir_resumes_over(tmp_path):
+    """train_state decides whether ``--resume`` continues a train directory or moves it aside: reporting
+    (train.report_to, train.log_every) is not the training, the learning rate is."""
+    from dataclasses import replace
+
+    from ssb.train.ckpt import train_state
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    base = train_state(cfg, tmp_path, examples=[])
+    reported = replace(cfg, train=replace(cfg.train, report_to=("tensorboard",), log_every=7))
+    assert train_state(reported, tmp_path, examples=[]) == base
+    other = replace(cfg, train=replace(cfg.train, lr=cfg.train.lr * 2))
+    assert train_state(other, tmp_path, examples=[]) != base

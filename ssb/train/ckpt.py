@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,8 +34,10 @@ def train_state(cfg: SSBConfig, run_dir: Path, examples: Sequence | None = None)
     """What a train directory's checkpoints and adapter are made from: the model (and its weight files), the
     ``train`` section and the inputs: each run directory's student pairs and teacher store (its fingerprint), or
     the token ids of ``examples`` given directly."""
+    # what is only reported (trackers, log cadence) does not change the training: a new tracker resumes
+    reported = replace(cfg.train, report_to=(), log_every=1)
     state = {"model": config_hash(cfg.model), "weights": weights_stamp(cfg.model.name_or_path),
-             "train": config_hash(cfg.train)}  # fmt: skip
+             "train": config_hash(reported)}  # fmt: skip
     if examples is not None:
         ids = b"".join(ex.input_ids.cpu().numpy().tobytes() + b"|" for ex in examples)
         return {**state, "examples": hashlib.sha256(ids).hexdigest()[:16]}
