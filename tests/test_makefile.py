@@ -38,8 +38,10 @@ def dry_run(
     env.pop("DEVICE", None)
     if env_device is not None:
         env["DEVICE"] = env_device
-    env.pop("MAKEFLAGS", None)
-    out = subprocess.run(["make", "-n", "test", *args], cwd=work, env=env, capture_output=True, text=True)
+    for var in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):  # under `make test` this is a sub-make
+        env.pop(var, None)
+    out = subprocess.run(["make", "--no-print-directory", "-n", "test", *args], cwd=work, env=env,
+                         capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     return out.stdout
 
