@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .reference import math_dtype
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -161,6 +163,11 @@ class Excluded:
         j = blk * self.n_chunks + chunk
         return self.bounds[j], self.bounds[j + 1]
 
+    def flat(self, blk: int, chunk: int, width: int) -> torch.Tensor:
+        """Flat positions of (row block, chunk)'s hits in its (rows, ``width``) logit tile (torch steps)."""
+        lo, hi = self.hits(blk, chunk)
+        return self.row[lo:hi] * width + self.col[lo:hi]
+
     def offsets(self, blk: int, chunk: int) -> torch.Tensor:
         """(rows + 1,) int32 CSR offsets of each row's hits in (row block, chunk) (``per_row`` only)."""
         j = (blk * self.n_chunks + chunk) * self.b.rows
@@ -187,7 +194,7 @@ def torch_rows(s, ex: Excluded, blk: int, chunk: int, st: Running, r0: int, e_dt
     a student whose top logit leads by 120 still sums its off-set mass exactly."""
     lo, hi = ex.hits(blk, chunk)
     n, c = s.shape
-    flat = ex.row[lo:hi] * c + ex.col[lo:hi]
+    flat = ex.flat(blk, chunk, c)
     st.s_x[ex.slot[lo:hi]] = s.view(-1)[flat]
     s.view(-1).index_fill_(0, flat, float("-inf"))
     out, last = [], len(st.scales) - 1
@@ -223,11 +230,6 @@ def logit_chunks(h: torch.Tensor, weight: torch.Tensor, b: Blocking, dt: torch.d
             yield blk, r0, chunk, v0, hb, wc, mm_acc(hb, wc, out=out)
 
 
-def pass_dtype(*xs: torch.Tensor) -> torch.dtype:
-    """The dtype of a pass's logits and running state: fp32, fp64 if an input is (the oracle)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, step, per_row: bool = False) -> Running:
     """One pass over the head (module docstring). ``step``: the row step, ``torch_rows`` or the Triton one
     (``triton_rows.triton_row_step``, which needs ``per_row`` CSR offsets).
@@ -239,7 +241,7 @@ def stream(h, weight, idx, valid, scales, with_acc, *, b: Blocking, step, per_ro
     """
     n, hd = h.shape
     dev = h.device
-    dt = pass_dtype(h, weight)
+    dt = math_dtype(h, weight)
     ex = Excluded(idx, valid, b, weight.shape[0], per_row=per_row)
     st = Running(
         m=torch.full((len(scales), n), float("-inf"), dtype=dt, device=dev),
@@ -279,7 +281,7 @@ def head_grad(h, weight, idx, valid, dense, sparse, log_offs, scales, b: Blockin
         h (N, H), weight (V, H), idx / valid (N, kx), dense and log_offs: lists of (N,), sparse (N, kx)
         -> (V, H) fp32 (fp64 if an input is)
     """
-    dt = pass_dtype(h, weight)
+    dt = math_dtype(h, weight)
     n, hd = h.shape
     v = weight.shape[0]
     hw = h.to(dt)
@@ -292,8 +294,7 @@ def head_grad(h, weight, idx, valid, dense, sparse, log_offs, scales, b: Blockin
         g = torch.zeros_like(s)
         for c, lo, sc in zip(dense, log_offs, scales):
             g += c[r0:r1, None] * (s * sc - lo[r0:r1, None]).exp()
-        lo, hi = ex.hits(blk, chunk)
-        g.view(-1).index_fill_(0, ex.row[lo:hi] * s.shape[1] + ex.col[lo:hi], 0.0)
+        g.view(-1).index_fill_(0, ex.flat(blk, chunk, s.shape[1]), 0.0)
         dw[v0 : v0 + wc.shape[0]].addmm_(g.t(), hb)
     step = max(1, (1 << 22) // max(1, idx.shape[1] * hd))  # rows per block of the (rows, kx, H) sparse part
     for r0 in range(0, n, step):
