@@ -15,7 +15,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ssb.config import SSBConfig, load_config
+from ssb.config import SSBConfig
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
 from ssb.core.models import merged_model
@@ -233,7 +233,3 @@ def demo(cfg: SSBConfig, *, out: str | Path | None = None, from_stage: str | Non
     print(RunLayout(cfg.run_dir).report("md").read_text())
     print(f"ssb demo: report in {cfg.run_dir}/report.json, chart {report['chart']}")
     return 0
-
-
-def default_config(overrides: list[str]) -> SSBConfig:
-    return load_config(DEFAULT_CONFIG, overrides)

@@ -248,7 +248,6 @@ class TeacherStore:
         self.exact_temperatures = [float(t) for t in self.manifest["exact_temperatures"]]
         self._shards = [self._load_shard(s, verify) for s in self.manifest["shards"]]
         self._index = [(si, j) for si, sh in enumerate(self._shards) for j in range(sh["example_index"].shape[0])]
-        self._by_example = {int(self._shards[si]["example_index"][j]): n for n, (si, j) in enumerate(self._index)}
 
     def _load_shard(self, rec: dict, verify: bool) -> dict[str, torch.Tensor]:
         f = self.path / rec["file"]
@@ -311,10 +310,6 @@ class TeacherStore:
             lse=lse,
             token_logprob=t["token_logprob"][a:b],
         )
-
-    def position_of(self, example_index: int) -> int:
-        """Position in this store of the example from line ``example_index`` of student.jsonl (KeyError if skipped)."""
-        return self._by_example[example_index]
 
     def bytes_per_row(self) -> float:
         rows = max(1, self.manifest["counts"]["rows"])
