@@ -1,4 +1,5 @@
-"""bench/report.py: the table names each row's hardware, only the marked README section is rewritten, PNG plot."""
+"""bench/report.py: the table names each row's hardware, only the marked section of docs/PERFORMANCE.md is
+rewritten, PNG plot."""
 
 from __future__ import annotations
 
@@ -41,25 +42,37 @@ def test_table_names_hardware_on_every_row(tmp_path, capsys):
     assert "512 MiB" in gib_row  # 0.5 GiB shown in MiB
 
 
-def test_readme_rewrites_only_the_marked_section(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\nlead's text\n")
+def test_write_rewrites_only_the_marked_section(tmp_path):
+    doc = tmp_path / "docs" / "PERFORMANCE.md"
+    doc.parent.mkdir()
+    doc.write_text("# Title\n\nlead's text\n")
     res = _results(tmp_path)
-    assert report.main([str(res), "--readme", "--write", "--readme-path", str(readme)]) == 0
-    first = readme.read_text()
+    assert report.main([str(res), "--write", "--doc-path", str(doc)]) == 0
+    first = doc.read_text()
     assert first.startswith("# Title\n\nlead's text\n\n" + report.START) and first.rstrip().endswith(report.END)
-    readme.write_text(first.replace("lead's text", "lead's edited text") + "\nmore lead text after\n")
-    assert report.main([str(res), "--readme", "--write", "--readme-path", str(readme)]) == 0
-    second = readme.read_text()
+    doc.write_text(first.replace("lead's text", "lead's edited text") + "\nmore lead text after\n")
+    plot = tmp_path / "results" / "bench.png"
+    assert report.main([str(res), "--write", "--doc-path", str(doc), "--plot", str(plot)]) == 0
+    second = doc.read_text()
     assert second.count(report.START) == 1 and "lead's edited text" in second
     assert second.endswith("more lead text after\n")
+    assert "](../results/bench.png)" in second  # the plot is linked from the document's own folder
 
 
-def test_readme_with_a_lone_marker_is_refused(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"text\n{report.START}\n")
+def test_the_default_document_is_docs_performance_and_its_section_is_current():
+    """The generated section in docs/PERFORMANCE.md is what bench/results/ gives today (README has no table)."""
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "PERFORMANCE.md").read_text()
+    assert report.START not in (repo / "README.md").read_text()
+    rows = report.load_rows([Path(p) for p in report.default_paths()])
+    assert report.doc_section(rows, None) in text
+
+
+def test_a_lone_marker_is_refused(tmp_path):
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(f"text\n{report.START}\n")
     with pytest.raises(ValueError, match="only one"):
-        report.write_readme(readme, "x")
+        report.write_doc(doc, "x")
 
 
 def test_plot_draws_one_line_per_provider_and_device(tmp_path):
