@@ -175,6 +175,11 @@ def preflight(args: argparse.Namespace, cfg: SSBConfig, *, model: bool = True) -
         from ssb.eval import resolve_protocol
 
         resolve_protocol(cfg.eval, cfg.grading.mode)
+    if args.stage in ("run", "demo") and cfg.engine.data_parallel_size > 1:  # see ssb.engines.dp
+        raise ConfigError(
+            f"engine.data_parallel_size={cfg.engine.data_parallel_size}: ssb {args.stage} runs every "
+            "stage in one process; run rollout, curate and eval each as its own torchrun command"
+        )
     if model:
         from ssb.core.models import check_model_source
 

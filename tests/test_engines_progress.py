@@ -15,10 +15,10 @@ class Recorder:
         rec = self
         init = BatchProgress.__init__
 
-        def patched_init(self, desc, total, max_new_tokens, *, exact):
+        def patched_init(self, desc, total, max_new_tokens, *, exact, show=True):
             rec.exact.append(exact)
             rec.desc, rec.total = desc, total
-            init(self, desc, total, max_new_tokens, exact=exact)
+            init(self, desc, total, max_new_tokens, exact=exact, show=show)
 
         def step(self, active, finished=0):
             rec.steps.append((active, finished))

@@ -71,14 +71,14 @@ class BatchProgress:
     request, waiting ones included (vLLM): then the rate is an upper bound and is shown with a "<=".
     """
 
-    def __init__(self, desc: str, total: int, max_new_tokens: int, *, exact: bool) -> None:
+    def __init__(self, desc: str, total: int, max_new_tokens: int, *, exact: bool, show: bool = True) -> None:
         from tqdm import tqdm
 
         self.max_new_tokens, self.exact = max_new_tokens, exact
         self.steps = self.tokens = 0
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=total, desc=f"{desc}: sequences", unit="seq", leave=False, file=sys.stderr,
-                        mininterval=2.0, dynamic_ncols=True)  # fmt: skip
+                        mininterval=2.0, dynamic_ncols=True, disable=not show)  # fmt: skip
 
     def step(self, active: int, finished: int = 0) -> None:
         """One decode step in which ``active`` sequences were generating and ``finished`` completed."""

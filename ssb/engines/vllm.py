@@ -10,9 +10,11 @@ import logging
 import os
 from pathlib import Path
 
-from ssb.config import ConfigError, EngineConfig, ModelConfig
+from ssb.config import EngineConfig, ModelConfig
 from ssb.core.models import check_model_source
 from ssb.core.prompts import end_of_turn_id
+from ssb.engines import dp as data_parallel
+from ssb.engines.dp import DataParallel
 from ssb.engines.types import (
     VLLM_LORA_RANKS,
     BatchProgress,
@@ -32,8 +34,9 @@ def _cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def platform_kwargs(engine_cfg: EngineConfig) -> dict:
-    """``vllm.LLM`` settings for this machine, shared by the generation engine and vLLM teacher capture."""
+def platform_kwargs(engine_cfg: EngineConfig, dp: DataParallel | None = None) -> dict:
+    """``vllm.LLM`` settings for this machine, shared by the generation engine and vLLM teacher capture; with
+    ``dp``, vLLM's torchrun executor (:mod:`ssb.engines.dp`)."""
     kwargs: dict = {}
     if _cpu_platform():
         # In-process engine core + uni executor: ~4 s start-up, works under pytest, no spawn guard.
@@ -45,7 +48,8 @@ def platform_kwargs(engine_cfg: EngineConfig) -> dict:
     else:
         kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
         kwargs["tensor_parallel_size"] = engine_cfg.tensor_parallel_size
-        kwargs["data_parallel_size"] = engine_cfg.data_parallel_size  # replicas, each tensor_parallel_size GPUs
+    if dp is not None:
+        kwargs |= dp.engine_kwargs()
     if engine_cfg.max_model_len is not None:
         kwargs["max_model_len"] = engine_cfg.max_model_len
     return kwargs
@@ -75,14 +79,14 @@ def quiet_repeated_logs() -> None:
             handler.addFilter(_FirstOnly())
 
 
-def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
+def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, dp: DataParallel | None = None, **llm_kwargs):
     """A ``vllm.LLM`` for ``model_cfg`` with this machine's settings (:func:`platform_kwargs`) plus the caller's
     own, shared by the generation engine and vLLM teacher capture."""
     import torch
     from vllm import LLM
 
     quiet_repeated_logs()
-    kwargs = platform_kwargs(engine_cfg) | llm_kwargs
+    kwargs = platform_kwargs(engine_cfg, dp) | llm_kwargs
     set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
     try:
         return LLM(
@@ -94,13 +98,6 @@ def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, **llm_kwargs):
             enforce_eager=engine_cfg.enforce_eager,
             **kwargs,
         )
-    except ValueError as e:  # a vLLM that runs data parallel only with one process per replica says so here
-        if kwargs.get("data_parallel_size", 1) > 1 and "data_parallel_size" in str(e):
-            first = str(e).splitlines()[0]
-            raise ConfigError(
-                f"engine.data_parallel_size={kwargs['data_parallel_size']}: vLLM refused it: {first}"
-            ) from None
-        raise
     finally:
         torch.set_num_threads = set_threads
         quiet_repeated_logs()  # vLLM may attach its handlers only while the engine starts
@@ -158,6 +155,16 @@ class VLLMEngine:
         enable_lora: bool = False,
         max_lora_rank: int | None = None,
     ) -> None:
+        self.dp = DataParallel.from_config(engine_cfg)
+        if self.dp is not None and self.dp.leader:  # the other ranks build the same engine (ssb.engines.dp.follow)
+            data_parallel.start()
+            options = {
+                "adapter": adapter,
+                "max_logprobs": max_logprobs,
+                "enable_lora": enable_lora,
+                "max_lora_rank": max_lora_rank,
+            }
+            data_parallel.send(("build", (model_cfg, engine_cfg), options))
         kwargs: dict = {}
         if max_logprobs is not None:
             kwargs["max_logprobs"] = max_logprobs
@@ -170,6 +177,7 @@ class VLLMEngine:
         self.llm = build_llm(
             model_cfg,
             engine_cfg,
+            self.dp,
             seed=0,  # every request carries its own seed; this only fixes engine-level state
             # A chunked prefill makes the runner rewind a seeded request's generator, which the CPU
             # generator cannot do ("CPU Generator does not use offset"): prompts are prefilled whole.
@@ -201,12 +209,24 @@ class VLLMEngine:
         seed_keys: list[str] | None = None,
         desc: str = "generate",
     ) -> list[list[Completion]]:
-        """Sample ``sampling.n`` replies per conversation. Returns ``out[i][j]`` = sample j of conversation i."""
+        """Sample ``sampling.n`` replies per conversation. Returns ``out[i][j]`` = sample j of conversation i.
+        Under data parallel, rank 0 sends the call to every replica and returns all replies (the others None)."""
+        if self.dp is None:
+            return self._generate(
+                conversations, sample_seeds(sampling, len(conversations), seed_keys), sampling, lora, desc
+            )
+        if self.dp.leader:
+            data_parallel.send(("generate", (conversations, sampling), {"lora": lora, "seed_keys": seed_keys}))
+        seeds = sample_seeds(sampling, len(conversations), seed_keys)
+        share = self.dp.share(len(conversations))
+        mine = self._generate([conversations[i] for i in share], [seeds[i] for i in share], sampling, lora, desc)
+        return data_parallel.collect(self.dp, len(conversations), mine)
+
+    def _generate(self, conversations, seeds, sampling: Sampling, lora, desc: str) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         if not conversations:
             return []
-        seeds = sample_seeds(sampling, len(conversations), seed_keys)
         requests, params = [], []
         for conv, conv_seeds in zip(conversations, seeds):
             for seed in conv_seeds:  # one request per sample; prefix caching shares the prompt
@@ -226,7 +246,9 @@ class VLLMEngine:
         ids = self.llm.enqueue_chat(
             requests, params, lora_request=self._lora_request(lora), use_tqdm=False, add_generation_prompt=True
         )
-        outputs = run_with_progress(self.llm, ids, BatchProgress(desc, len(ids), sampling.max_new_tokens, exact=False))
+        show = self.dp is None or self.dp.leader  # rank 0's bar counts its own replica's share
+        progress = BatchProgress(desc, len(ids), sampling.max_new_tokens, exact=False, show=show)
+        outputs = run_with_progress(self.llm, ids, progress)
         flat = []
         for out in outputs:
             ids, reason = split_at_stop(list(out.outputs[0].token_ids), self.stop_ids)
@@ -237,5 +259,7 @@ class VLLMEngine:
         return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(conversations))]
 
     def close(self) -> None:
-        """Free the engine so another one can start in this process."""
+        """Free the engine so another one can start in this process (under data parallel: the ranks stop)."""
+        if self.dp is not None and self.dp.leader:
+            data_parallel.stop()
         release_llm(self)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ssb.config import SSBConfig, config_hash, config_to_dict, save_config
 from ssb.core.files import atomic_write_json, sha256_text
 from ssb.core.layout import RunLayout
+from ssb.engines import dp as data_parallel
 from ssb.run import interrupt
 from ssb.run.plan import STAGES, Stage, expand
 
@@ -134,7 +135,7 @@ def run_pipeline(
 def run_stage(stage: Stage, cfg: SSBConfig, **options) -> int:
     """One stage alone (``ssb rollout``, ``ssb capture``, ...): an interrupt is recorded in ``run.json``."""
     try:
-        return int(stage.run(cfg, **options) or 0)
+        return int(data_parallel.run_stage(stage.name, cfg.engine, lambda: stage.run(cfg, **options)) or 0)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) or interrupt.requested():
             interrupt.record(cfg.run_dir, stage.name)
