@@ -18,12 +18,13 @@ Shape: ``topk_ids`` / ``topk_logprobs`` (B, L, k), ``kd_mask`` (B, L) bool; the 
 """
 
 if __name__ == "ssb_kernels":
+    from .hidden_kd import hidden_kd_loss
     from .options import KDOptions, TopkOptions
     from .sparse_kd import sparse_kd_loss
     from .sparse_kd_ce import sparse_kd_ce_loss
     from .topk import topk_logprobs
 
-    __all__ = ["KDOptions", "TopkOptions", "sparse_kd_ce_loss", "sparse_kd_loss", "topk_logprobs"]
+    __all__ = ["KDOptions", "TopkOptions", "hidden_kd_loss", "sparse_kd_ce_loss", "sparse_kd_loss", "topk_logprobs"]
 else:
     # From the repository root, `import kernels` (transformers and bitsandbytes probe for Hugging Face's
     # `kernels` package) finds this source folder. Stay an empty, versionless module then: the probers

@@ -1,0 +1,284 @@
+"""Exact-teacher KD on the streamed pass (docs/SPEC.md section 9): impl="chunked" (torch row steps) and
+impl="triton" (``triton_hidden``'s row kernels), one autograd Function for both.
+
+The student and teacher hidden rows are interleaved, hs = [h_0; t_0; h_1; t_1; ...] (2N, H), so each
+(row block, vocabulary chunk) takes ONE vendor GEMM s = hs W_c^T (2R, C) fp32 for both logits, x = s[0::2] / T
+(student) and y = s[1::2] / T (teacher), and ONE addmm acc += E W_c for both accumulator rows of each row
+(acc (N, 2, H) fp32). Per row the state is the student's running argmax a (its logit x_a is the running max mz),
+y_a, a per-row shift c0 (d = y - x at the first chunk's argmax), the off-a sums Lz = sum_{v != a} e^{x_v - mz},
+Lt = sum_{v != a} e^{y_v - mt} (mt: the teacher's running max) and one loss sum U. Sums and accumulators exclude
+a: when a later chunk holds a new argmax, its column gets E = 0 and the old a re-enters every sum and both
+accumulator rows (a rank-1 add of W_a), after the usual rescale by exp(m_old - m_new).
+
+    forward_kl  E = [e^{x - mz}, e^{y - mt}],          U = sum e^{y - mt} (d - c0)
+    reverse_kl  E = [e^{x - mz}, e^{x - mz} (d - c0)], U = sum e^{x - mz} (d - c0)
+    jsd         pass 1: the sums only (no accumulator); pass 2 with both LSEs known: E = [p, p r],
+                r = log p - log m, U = sum of the loss terms, plus P0 = sum p and R1 = sum p r (no rescaling)
+
+``finish`` turns them into each row's loss and G = dD/dh x T (N, H) fp32 in float64 row math, written so that
+rows whose student and teacher are both confident on a keep their e^-60-sized loss and gradient (SPEC section 9).
+Backward is dh = w G, a per-row scale (w = upstream grad x reduction x T): no recomputation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .options import KDOptions
+from .reference import math_dtype
+from .streamed import Blocking, addmm_acc_, blocking, logit_chunks
+
+NINF = float("-inf")
+
+
+@dataclass
+class HiddenState:
+    """Running per-row state of a pass (module docstring): (N,) tensors in the math dtype, a long, acc (N, 2, H)."""
+
+    mz: torch.Tensor
+    ya: torch.Tensor
+    c0: torch.Tensor
+    lz: torch.Tensor
+    mt: torch.Tensor
+    lt: torch.Tensor
+    u: torch.Tensor
+    a: torch.Tensor
+    acc: torch.Tensor | None
+    p0: torch.Tensor | None = None  # jsd pass 2: sum_{v != a} p
+    r1: torch.Tensor | None = None  # jsd pass 2: sum_{v != a} p r
+    scratch: dict = field(default_factory=dict)
+
+
+def new_state(n: int, hd: int, dt: torch.dtype, dev, with_acc: bool) -> HiddenState:
+    z = lambda: torch.zeros(n, dtype=dt, device=dev)  # noqa: E731
+    ninf = lambda: torch.full((n,), NINF, dtype=dt, device=dev)  # noqa: E731
+    acc = torch.zeros(n, 2, hd, dtype=dt, device=dev) if with_acc else None
+    return HiddenState(ninf(), ninf(), z(), z(), ninf(), z(), z(), torch.zeros(n, dtype=torch.long, device=dev), acc)
+
+
+def torch_online_step(s, st: HiddenState, r0: int, v0: int, weight, mode: str, inv_t: float):
+    """One chunk of the one-pass step in tensor ops (impl="chunked"); ``mode`` "forward_kl", "reverse_kl" or
+    "lse" (sums only). Returns E (2R, C) in the logit buffer (None for "lse"); rescales and re-enters the old a
+    in ``st.acc`` before the caller's addmm.
+
+    Shape: s (2R, C) raw logits of rows r0.. (student, teacher interleaved), weight (V, H)
+    """
+    r = s.shape[0] // 2
+    rows = slice(r0, r0 + r)
+    s.mul_(inv_t)
+    x, y = s[0::2], s[1::2]  # (R, C) views
+    xm, j = x.max(1)
+    ym = y.amax(1)
+    mz, mt, ya = st.mz[rows], st.mt[rows], st.ya[rows]
+    new = xm > mz
+    had = new & torch.isfinite(mz)  # a moves and an old a exists: it re-enters the sums
+    mz_new, mt_new = torch.maximum(mz, xm), torch.maximum(mt, ym)
+    az, at = torch.exp(mz - mz_new), torch.exp(mt - mt_new)
+    yj = y.gather(1, j[:, None])[:, 0]
+    first = mz == NINF
+    st.c0[rows] = torch.where(first, yj - xm, st.c0[rows])
+    c0 = st.c0[rows]
+    w_z = torch.where(had, az, 0.0)  # e^{x_aold - mz_new}
+    w_t = torch.where(had, torch.exp(ya - mt_new), 0.0)  # e^{y_aold - mt_new}
+    dold = torch.where(had, ya - mz - c0, 0.0)  # d - c0 at the old a
+    rn = new.nonzero()[:, 0]
+    jn = j[rn]  # the new a's column in the rows where a moved: excluded from every sum (E = 0)
+    d = (y - x).sub_(c0[:, None]) if mode != "lse" else None  # (R, C) d - c0
+    ez = x.sub_(mz_new[:, None]).exp_()
+    ez[rn, jn] = 0.0
+    et = y.sub_(mt_new[:, None]).exp_()
+    et[rn, jn] = 0.0
+    st.lz[rows] = st.lz[rows] * az + ez.sum(1) + w_z
+    st.lt[rows] = st.lt[rows] * at + et.sum(1) + w_t
+    if mode == "forward_kl":
+        st.u[rows] = st.u[rows] * at + (et * d).sum(1) + w_t * dold
+    elif mode == "reverse_kl":
+        e1 = d.mul_(ez)
+        st.u[rows] = st.u[rows] * az + e1.sum(1) + w_z * dold
+        y.copy_(e1)  # E's second row per row: e^{x - mz} (d - c0)
+    if mode != "lse":
+        acc = st.acc[rows]  # (R, 2, H)
+        a_t = at if mode == "forward_kl" else az
+        acc[:, 0].mul_(az[:, None])
+        acc[:, 1].mul_(a_t[:, None])
+        hit = had.nonzero()[:, 0]
+        if hit.numel():
+            w_old = weight[st.a[rows][hit]].to(acc.dtype)  # (hits, H) head rows of the old a
+            second = w_t[hit] if mode == "forward_kl" else w_z[hit] * dold[hit]
+            acc[hit, 0] += w_z[hit, None] * w_old
+            acc[hit, 1] += second[:, None] * w_old
+    st.a[rows] = torch.where(new, v0 + j, st.a[rows])
+    st.ya[rows] = torch.where(new, yj, ya)
+    st.mz[rows], st.mt[rows] = mz_new, mt_new
+    return None if mode == "lse" else s
+
+
+def torch_jsd_step(s, st: HiddenState, r0: int, v0: int, inv_t: float, lse_z, lse_t, beta: float):
+    """One chunk of JSD's second pass in tensor ops: both LSEs are known, so every column's log p, log q, log m
+    and loss term are final (no rescaling). Returns E = [p, p r] (2R, C) in the logit buffer, 0 at a.
+
+    Shape: s (2R, C) raw logits, lse_z / lse_t (N,) LSE of x and y
+    """
+    r, c = s.shape[0] // 2, s.shape[1]
+    rows = slice(r0, r0 + r)
+    s.mul_(inv_t)
+    lp, lq = s[0::2].sub_(lse_z[rows, None]), s[1::2].sub_(lse_t[rows, None])  # (R, C) views
+    ratio = lp - torch.logaddexp(math.log(beta) + lq, math.log1p(-beta) + lp)  # r = log p - log m
+    lm = lp - ratio
+    at = st.a[rows] - v0
+    rn = ((at >= 0) & (at < c)).nonzero()[:, 0]  # rows whose a is in this chunk: excluded
+    p = lp.exp_()
+    p[rn, at[rn]] = 0.0
+    q = lq.exp()
+    ell = (lq - lm).mul_(q).mul_(beta).add_(ratio * p, alpha=1.0 - beta)  # beta q (lq - lm) + (1 - beta) p r
+    ell[rn, at[rn]] = 0.0
+    pr = ratio.mul_(p)
+    st.u[rows] += ell.sum(1)
+    st.p0[rows] += p.sum(1)
+    st.r1[rows] += pr.sum(1)
+    s[1::2].copy_(pr)
+    return s
+
+
+def finish(st: HiddenState, mode: str, weight: torch.Tensor, beta: float):
+    """Each row's divergence (fp64) and G = dD/dx summed against the head, sum_v g_v W_v (N, H) in acc's dtype,
+    formed in acc[:, 0]. Float64 row math; the cancellation-free forms of SPEC section 9.
+
+    Shape: -> loss (N,) fp64, G (N, H)
+    """
+    f = lambda t: t.double()  # noqa: E731
+    lz, lt, u, mz, ya, mt, c0 = map(f, (st.lz, st.lt, st.u, st.mz, st.ya, st.mt, st.c0))
+    a_xa = torch.log1p(lz)  # A - x_a (the student's LSE over its max)
+    b_ya = torch.logaddexp(torch.zeros_like(lt), torch.log(lt) + mt - ya)  # B - y_a
+    p_a = torch.exp(-a_xa)
+    scale_t = torch.exp(mt - ya - b_ya)  # e^{mt - B}
+    dac = ya - mz - c0  # d - c0 at a
+    acc = st.acc
+    wa = weight[st.a].to(acc.dtype)  # (N, H) head rows at each row's a
+    k = lambda t: t.to(acc.dtype)[:, None]  # noqa: E731
+    if mode == "forward_kl":
+        loss = scale_t * (u - lt * dac) - (b_ya - a_xa)
+        q_off, p_off = lt * scale_t, lz * p_a
+        g = acc[:, 0].mul_(k(p_a)).sub_(acc[:, 1] * k(scale_t)).add_(wa * k(q_off - p_off))
+    elif mode == "reverse_kl":
+        r1 = (u - lz * dac) * p_a  # sum_{v != a} p_v (d_v - d_a)
+        loss = (b_ya - a_xa) - r1
+        g = acc[:, 0].mul_(k((r1 + dac) * p_a)).sub_(acc[:, 1] * k(p_a)).add_(wa * k(r1 * p_a))
+    else:
+        from .hidden_kd import log_mixture
+
+        lp_a, lq_a = -a_xa, -b_ya
+        lm_a = log_mixture(lp_a, lq_a, beta)
+        r_a = lp_a - lm_a
+        loss = u + beta * lq_a.exp() * (lq_a - lm_a) + (1 - beta) * p_a * r_a
+        p0, r1 = f(st.p0), f(st.r1)
+        rbar = r1 + p_a * r_a
+        s = 1.0 - beta
+        g = acc[:, 1].mul_(s).sub_(acc[:, 0] * k(s * rbar)).sub_(wa * k(s * p_a * (r1 - r_a * p0)))
+        acc[:, 0].copy_(g)
+        g = acc[:, 0]
+    return loss, g
+
+
+def operands(hidden, weight, teacher_hidden, rows: str):
+    """(hs (2n, H) interleaved student/teacher rows, the head) in the pass's dtypes: torch rows widen to the math
+    dtype (fp32, fp64 for the oracle); Triton rows keep one input dtype (fp32 / fp16 / bf16) for the vendor GEMM."""
+    if rows == "torch":
+        dt, w = math_dtype(hidden, weight, teacher_hidden), weight
+    else:
+        from .triton_rows import check_triton_device
+
+        check_triton_device(hidden)
+        dt = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), teacher_hidden.dtype)
+        if dt == torch.float64:
+            raise ValueError("impl='triton' takes fp32/fp16/bf16 inputs; use impl='chunked' for float64")
+        w = weight.to(dt)
+    hs = torch.stack([hidden.detach().to(dt), teacher_hidden.detach().to(dt)], 1).reshape(-1, hidden.shape[1])
+    return hs, w
+
+
+def run_pass(hs, weight, st: HiddenState, b: Blocking, step) -> None:
+    """One pass over the head: per (row block, chunk) the stacked logit GEMM, the row ``step``, and (when the step
+    returns E) acc += E W_c for both accumulator rows of every row in one addmm."""
+    dt = st.lz.dtype
+    b2 = Blocking(2 * b.rows, b.cols, b.tile_c, b.tile_h)
+    for _, r0, _, v0, _, wc, s in logit_chunks(hs, weight, b2, dt):
+        e = step(s, st, r0 // 2, v0)
+        if e is not None:
+            r = s.shape[0] // 2
+            addmm_acc_(st.acc[r0 // 2 : r0 // 2 + r].view(2 * r, -1), e, wc)
+
+
+def stream_hidden(hs, weight, opts: KDOptions, rows: str):
+    """Every pass of one loss (module docstring): returns each row's divergence (fp64) and G (n, H)."""
+    n, hd = hs.shape[0] // 2, hs.shape[1]
+    dt = math_dtype(hs, weight) if rows == "torch" else torch.float32
+    b = blocking(n, weight.shape[0], hs.device, opts.chunk_size, opts.row_block, cpu_elems=CPU_ELEMS)
+    inv_t, mode = 1.0 / opts.temperature, opts.divergence
+    if rows == "triton":
+        from .triton_hidden import triton_jsd_step, triton_online_step
+
+        online, jsd_step = triton_online_step, triton_jsd_step
+    else:
+        online, jsd_step = torch_online_step, torch_jsd_step
+    st = new_state(n, hd, dt, hs.device, with_acc=True)
+    first = "lse" if mode == "jsd" else mode
+    run_pass(hs, weight, st, b, lambda s, st_, r0, v0: online(s, st_, r0, v0, weight, first, inv_t))
+    if mode == "jsd":  # second pass: both LSEs known
+        lse_z = st.mz + torch.log1p(st.lz)  # A = x_a + log1p(Lz)
+        lse_t = st.mt + torch.log(st.lt + torch.exp(st.ya - st.mt))  # B (mt >= y_a: the max over every column)
+        st.u.zero_()
+        st.p0, st.r1 = torch.zeros_like(st.u), torch.zeros_like(st.u)
+        run_pass(hs, weight, st, b, lambda s, st_, r0, v0: jsd_step(s, st_, r0, v0, inv_t, lse_z, lse_t, opts.beta))
+    return finish(st, mode, weight, opts.beta)
+
+
+# CPU chunk size in elements of ONE of the two logit tiles: the stacked (2R, C) fp32 tile is then 8 MB, as the
+# sparse pass's (R, C) one (streamed.CPU_CHUNK_ELEMS)
+CPU_ELEMS = 1 << 20
+
+
+class _HiddenKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, mask, opts: KDOptions, rows: str):
+        n_all, hd = hidden.shape
+        idx = None if mask is None else mask.bool().nonzero()[:, 0]
+        h, t = (hidden, teacher_hidden) if idx is None else (hidden[idx], teacher_hidden[idx])
+        hs, w = operands(h, weight, t, rows)
+        n = h.shape[0]
+        out_dt = math_dtype(hidden, weight, teacher_hidden)
+        loss = torch.zeros(n_all, dtype=out_dt, device=hidden.device)
+        g = torch.zeros(0, hd, dtype=out_dt, device=hidden.device)
+        if n:
+            rl, g = stream_hidden(hs, w, opts, rows)
+            rl = rl.to(out_dt) * opts.temperature**2
+            loss = rl if idx is None else loss.index_copy(0, idx, rl)
+        ctx.opts, ctx.n_valid, ctx.n_all, ctx.dtype = opts, n, n_all, hidden.dtype
+        ctx.save_for_backward(g, idx)
+        if opts.reduction == "none":
+            return loss
+        return loss.sum() if opts.reduction == "sum" else loss.sum() / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g, idx = ctx.saved_tensors
+        opts: KDOptions = ctx.opts
+        # per-row factor: upstream grad x reduction x T^2 x (1/T) from x = z / T
+        wr = grad_out * opts.temperature / (max(ctx.n_valid, 1) if opts.reduction == "mean" else 1)
+        if wr.dim() == 0:
+            wr = wr.expand(g.shape[0] if idx is None else idx.shape[0])
+        elif idx is not None:
+            wr = wr[idx]
+        dh = g * wr.to(g.dtype)[:, None]
+        if idx is not None:
+            dh = g.new_zeros(ctx.n_all, g.shape[1]).index_copy_(0, idx, dh)
+        return dh.to(ctx.dtype), None, None, None, None, None
+
+
+def hidden_kd_streamed(hidden, weight, teacher_hidden, mask, opts: KDOptions, rows: str) -> torch.Tensor:
+    """Streamed exact-teacher KD (module docstring); ``rows`` "torch" (impl="chunked") or "triton". Same contract
+    as ``hidden_kd_loss`` after validation."""
+    return _HiddenKD.apply(hidden, weight, teacher_hidden, mask, opts, rows)
