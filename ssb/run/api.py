@@ -2,7 +2,7 @@
 
     import ssb
 
-    cfg = ssb.load_config("toy", overrides=["run_dir=runs/api"])  # a YAML path, or a name in configs/
+    cfg = ssb.load_config("toy", overrides=["run_dir=runs/api"])  # a YAML path, or a shipped config's name
     ssb.run_stage("rollout", cfg)  # one stage; returns its exit status
     ssb.run_pipeline(cfg)  # every stage in order, resumable at stage granularity (RUN_DIR/run.json)
 
@@ -14,28 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ssb import config as _config
-from ssb.config import ConfigError, SSBConfig
+from ssb.config import SSBConfig
 from ssb.run import runner
 from ssb.run.plan import STAGES
 
 __all__ = ["SSBConfig", "load_config", "run_pipeline", "run_stage", "stage_names"]
 
-CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")  # the working directory's first
-
 
 def load_config(path_or_name: str | Path | None = None, overrides: list[str] | None = None) -> SSBConfig:
-    """A validated config from a YAML file, or from a name in ``configs/`` (``"toy"`` -> ``configs/toy.yaml``,
-    the working directory's before the repository's), with dotted ``key=value`` overrides; None: the defaults.
-    Unknown keys, wrong types and broken rules raise :class:`ssb.config.ConfigError`, as on the command line."""
-    if path_or_name is None or Path(path_or_name).is_file():
-        return _config.load_config(path_or_name, overrides)
-    name = str(path_or_name)
-    for d in CONFIG_DIRS:
-        for candidate in (d / name, d / f"{name}.yaml"):
-            if candidate.is_file():
-                return _config.load_config(candidate, overrides)
-    known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise ConfigError(f"{name}: no such config file, and no configs/{name}.yaml (names: {', '.join(known) or 'none'})")
+    """A validated config from a YAML file, or from the name of a config shipped with ssb (``"toy"`` ->
+    ``ssb/configs/toy.yaml``), with dotted ``key=value`` overrides; None: the defaults. Unknown names and keys,
+    wrong types and broken rules raise :class:`ssb.config.ConfigError`, as on the command line."""
+    return _config.load_config(path_or_name, overrides)
 
 
 def stage_names() -> list[str]:
