@@ -6,7 +6,8 @@ tokens (:mod:`ssb.capture.inputs`). The student view (``ssb.store.build_student_
 reply ids.
 
 Backends: ``hf`` (:mod:`ssb.capture.hf`) runs the base model to its final hidden states only and streams the LM
-head through ``ssb_kernels.topk_logprobs`` (never an (N, V) logits tensor), batched by a token budget; ``vllm``
+head through ``ssb_kernels.topk_logprobs`` (never an (N, V) logits tensor), batched by a token budget, or stores the
+hidden states themselves (``capture.store_format: hidden``, the exact teacher: :mod:`ssb.store.hidden`); ``vllm``
 (:mod:`ssb.capture.vllm`) asks for ``prompt_logprobs=k``, which gives exact values at T = 1 but no ``c_T`` for
 T != 1.
 """
@@ -45,7 +46,9 @@ def check_settings(cap: CaptureConfig) -> None:
         ("temperatures", bool(cap.temperatures) and all(t > 0 for t in cap.temperatures), "positive numbers"),
         ("value_dtype", cap.value_dtype in ("float32", "float16"), "float32 or float16"),
         ("store_format", cap.store_format in STORE_FORMATS, " or ".join(STORE_FORMATS)),
-    ]
+        ("store_format", cap.store_format != "hidden" or cap.backend == "hf", "exact or compact with capture.backend="
+         f"{cap.backend} (hidden needs capture.backend=hf: vLLM returns log-probs, not hidden states)"),
+    ]  # fmt: skip
     for key, ok, expected in rules:
         if not ok:
             raise ConfigError(f"capture.{key}: expected {expected}, got {getattr(cap, key)!r}")
@@ -198,6 +201,9 @@ def write_store(
         "input_examples": plan.n_inputs,
     }
     writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
+    if cap.store_format == "hidden":  # exact at every temperature; the head it is exact for (ssb.store.hidden)
+        header["hidden"] = backend.hidden_info()
+        header["exact_temperatures"] = header["temperatures"]
                          store_format=cap.store_format)  # fmt: skip
     ranks.barrier()  # every writer has dropped the stale temp files before any rank writes a new one
     if len(todo) < n_shards and ranks.is_main:

@@ -1,7 +1,9 @@
 """The HF capture backend: base model -> final hidden states -> top-k log-probs streamed over the LM head.
 
 ``ssb_kernels.topk_logprobs`` never builds an (N, V) logits tensor and returns the exact ``c_T`` for every
-requested temperature; sequences are batched by a token budget.
+requested temperature; sequences are batched by a token budget. With ``capture.store_format: hidden`` the rows'
+final hidden states themselves are stored (``model.base_model``'s ``last_hidden_state``: after the final norm, the
+head's input) with the reply token's log-prob, and the manifest gets the head's fingerprint (:mod:`ssb.store.hidden`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from ssb.capture.inputs import Item
 from ssb.config import SSBConfig
 from ssb.core.models import default_device, load_causal_lm
 from ssb.store import StoreExample
+from ssb.store.hidden import dtype_name, head_fingerprint
 
 
 def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
@@ -42,6 +45,11 @@ class HFCapture:
         self.cap = cfg.capture
         self.temperatures = tuple(float(t) for t in cfg.capture.temperatures)
         self.exact_temperatures = sorted(set(self.temperatures) | {1.0})
+        self.hidden = cfg.capture.store_format == "hidden"
+
+    def hidden_info(self) -> dict:
+        """What a hidden store's manifest records (``header["hidden"]``): dtype, H, V and the head's fingerprints."""
+        return {"dtype": dtype_name(self.head.dtype), **head_fingerprint(self.model)}
 
     @torch.no_grad()
     def capture(self, items: list[Item], k: int) -> list[StoreExample]:
@@ -63,13 +71,26 @@ class HFCapture:
             # rows predicting reply tokens: positions P-1 .. P+R-2 of each sequence -> (N, H)
             rows = torch.cat([hidden[b, len(items[i].prompt) - 1 : lengths[i]] for b, i in enumerate(group)])
             targets = torch.cat([torch.tensor(items[i].reply) for i in group]).to(self.device)
-            # ids (N, k) sorted by descending log-prob, top_lp (N, k), lse (N, len(temps)): c_T per temperature
-            top_ids, top_lp, lse = topk_logprobs(rows, self.head, k, temperatures=temps, impl=self.cap.kernel_impl)
+            if self.hidden:  # the hidden states are the targets; the top-1 only serves the reply token's log-prob
+                top_ids, top_lp, lse = topk_logprobs(rows, self.head, 1, impl=self.cap.kernel_impl)
+            else:  # ids (N, k) by descending log-prob, top_lp (N, k), lse (N, len(temps)): c_T per temperature
+                top_ids, top_lp, lse = topk_logprobs(rows, self.head, k, temperatures=temps, impl=self.cap.kernel_impl)
             tok_lp = token_logprob(rows, self.head, targets, top_ids, top_lp)
             start = 0
             for i in group:
                 a, b = start, start + len(items[i].reply)
                 start = b
+                if self.hidden:
+                    out[i] = StoreExample(
+                        example_index=items[i].example_index,
+                        token_ids=targets[a:b].int().cpu(),
+                        topk_ids=torch.zeros(b - a, 0, dtype=torch.int32),
+                        topk_logprobs=torch.zeros(b - a, 0),
+                        lse={},
+                        token_logprob=tok_lp[a:b].cpu(),
+                        hidden=rows[a:b].cpu(),  # (R, H) in the model's dtype
+                    )
+                    continue
                 out[i] = StoreExample(
                     example_index=items[i].example_index,
                     token_ids=targets[a:b].int().cpu(),

@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.backend": ("vllm", "hf"),
     "capture.backend": ("hf", "vllm"),
     "capture.value_dtype": ("float32", "float16"),
-    "capture.store_format": ("exact", "compact"),
+    "capture.store_format": ("exact", "compact", "hidden"),
     "capture.kernel_impl": KERNEL_IMPLS,
     "train.schedule": ("cosine", "linear", "constant"),
     "distill.source": ("robust", "on_policy", "both"),
@@ -163,7 +163,8 @@ def _check_temperatures(cfg: SSBConfig) -> None:
         if not (t > 0 and math.isfinite(t)):
             raise ConfigError(f"{key}: expected a temperature > 0, got {t!r}", key.partition("[")[0])
     t = cfg.train.kd_temperature
-    if cfg.train.kd_weight != 0 and t not in cfg.capture.temperatures and not cfg.train.approximate_c_t:
+    exact = t in cfg.capture.temperatures or cfg.capture.store_format == "hidden"  # hidden: c_T at any T
+    if cfg.train.kd_weight != 0 and not exact and not cfg.train.approximate_c_t:
         raise ConfigError(
             f"train.kd_temperature={t} is not one of capture.temperatures={list(cfg.capture.temperatures)}, so the "
             "store would not hold its exact c_T: add it to capture.temperatures, or set train.approximate_c_t=true "
@@ -192,6 +193,9 @@ def _check_rules(cfg: SSBConfig) -> None:
          "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on", ("train.ce_weight",)),
         ("train.qlora", train.qlora and train.parallel == "fsdp",
          "QLoRA cannot train with train.parallel=fsdp: FSDP2 cannot shard bitsandbytes' 4-bit Params4bit (its "
+        ("capture.store_format", cfg.capture.store_format == "hidden" and cfg.capture.backend != "hf",
+         "hidden (the teacher's final hidden states) needs capture.backend=hf: vLLM returns log-probs, not hidden "
+         "states", ("capture.backend",)),
          "quantisation state lives outside the tensor); use train.parallel=ddp or train.qlora=false",
          ("train.parallel",)),
         ("train.target_modules", not train.target_modules, "expected at least one module name for the LoRA", ()),

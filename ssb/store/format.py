@@ -8,7 +8,8 @@ Layout of a store directory::
 Shard ``j`` always covers the same input examples, so a rerun skips every shard already on disk whose
 fingerprint (model, tokenizer, prompts, inputs, k, dtype, temperatures) matches. Loading maps the shards
 read-only (no copy) after checking sha256, shapes and dtypes, and names the bad file on failure. Nothing is
-ever unpickled. ``lse_T1.0`` is not stored: ``c_1 = 0`` exactly by definition (SPEC section 1).
+ever unpickled. ``lse_T1.0`` is not stored: ``c_1 = 0`` exactly by definition (SPEC section 1). A hidden store
+(:mod:`ssb.store.hidden`) holds the teacher's final hidden states instead of a top-k, and no ``c_T`` (exact from them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ssb.store import compact
 FORMAT = "ssb-teacher-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STORE_FORMATS = ("exact", "compact")  # manifest "store_format" (absent: exact); readers accept both
+STORE_FORMATS = ("exact", "compact", "hidden")  # manifest "store_format" (absent: exact); readers accept all
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # bf16: hidden only
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 
 
@@ -59,6 +61,8 @@ class StoreExample:
         topk_logprobs (R, k) float32|float16 - full-vocabulary log-probs at T = 1
         lse {T: (R,) float32} - exact c_T per captured temperature (T = 1 is zeros)
         token_logprob (R,) float32 - teacher log-prob of ``token_ids[r]``, also outside the top-k
+        hidden (R, H) float32|bfloat16|float16 or None - hidden stores only: the teacher's final hidden states
+            (then topk_ids/topk_logprobs are (R, 0) and lse is empty: c_T is exact from ``hidden``)
     """
 
     example_index: int
@@ -67,6 +71,7 @@ class StoreExample:
     topk_logprobs: torch.Tensor
     lse: dict[float, torch.Tensor]
     token_logprob: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -86,10 +91,12 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float],
                  store_format: str = "exact"):  # fmt: skip
-        if value_dtype not in ("float32", "float16"):
-            raise ValueError(f"value_dtype: expected float32 or float16, got {value_dtype!r}")
         if store_format not in STORE_FORMATS:
             raise ValueError(f"store_format: expected one of {STORE_FORMATS}, got {store_format!r}")
+        if store_format == "hidden":  # header["hidden"]: dtype, size and fingerprints (ssb.store.hidden)
+            value_dtype, k, temperatures = header["hidden"]["dtype"], 0, []
+        elif value_dtype not in ("float32", "float16"):
+            raise ValueError(f"value_dtype: expected float32 or float16, got {value_dtype!r}")
         self.store_format = store_format
         self.vocab_size = int(header["model"]["vocab_size"]) if store_format == "compact" else None
         self.path = Path(path)
@@ -111,7 +118,7 @@ class StoreWriter:
 
     def write_shard(self, j: int, examples: list[StoreExample], skipped: list[dict]) -> Path:
         """Serialise ``examples`` (in input order) and ``skipped`` records into shard ``j``, atomically."""
-        vdt = getattr(torch, self.value_dtype)
+        vdt = VALUE_DTYPES[self.value_dtype]
         offsets = torch.tensor([0] + [e.rows for e in examples], dtype=torch.int64).cumsum(0)  # (n+1,)
 
         def cat(get, dtype, shape_tail=()):
@@ -122,10 +129,13 @@ class StoreWriter:
             "offsets": offsets,
             "example_index": torch.tensor([e.example_index for e in examples], dtype=torch.int64),
             "token_ids": cat(lambda e: e.token_ids, torch.int32),
-            "topk_ids": cat(lambda e: e.topk_ids, torch.int32, (self.k,)),
-            "topk_logprobs": cat(lambda e: e.topk_logprobs, vdt, (self.k,)),
             "token_logprob": cat(lambda e: e.token_logprob, torch.float32),
         }
+        if self.store_format == "hidden":  # the teacher's final hidden states instead of a top-k
+            tensors["hidden"] = cat(lambda e: e.hidden, vdt, (int(self.header["hidden"]["size"]),))
+        else:
+            tensors["topk_ids"] = cat(lambda e: e.topk_ids, torch.int32, (self.k,))
+            tensors["topk_logprobs"] = cat(lambda e: e.topk_logprobs, vdt, (self.k,))
         if self.store_format == "compact":  # ids and log-probs packed (ssb.store.compact); the rest stays exact
             ids, lp = tensors.pop("topk_ids"), tensors.pop("topk_logprobs")
             tensors.update(compact.encode(ids, lp.float(), self.vocab_size))
@@ -198,7 +208,8 @@ def shard_problem(f: Path, rec: dict, *, verify: bool = True) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8}
+_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8,
+           "BF16": torch.bfloat16}  # fmt: skip
 
 
 def _mmap_tensors(f: Path) -> dict[str, torch.Tensor]:
@@ -263,7 +274,7 @@ class TeacherStore:
 
     def _check_shapes(self, f: Path, t: dict[str, torch.Tensor], rec: dict) -> None:
         n, rows, k = rec["examples"], rec["rows"], self.k
-        vdt = getattr(torch, self.manifest["value_dtype"])
+        vdt = VALUE_DTYPES.get(self.manifest["value_dtype"])
         want = {
             "offsets": ((n + 1,), torch.int64),
             "example_index": ((n,), torch.int64),
@@ -275,7 +286,10 @@ class TeacherStore:
         if self.store_format == "compact":
             del want["topk_ids"], want["topk_logprobs"]
             want.update({name: ((rows, *tail), dt) for name, (tail, dt) in compact.shapes(k, self.vocab_size).items()})
-        for temp in self.exact_temperatures:
+        if self.store_format == "hidden":
+            del want["topk_ids"], want["topk_logprobs"]
+            want["hidden"] = ((rows, int(self.manifest["hidden"]["size"])), vdt)
+        for temp in self.exact_temperatures if self.store_format != "hidden" else ():
             if temp != 1.0:
                 want[lse_key(temp)] = ((rows,), torch.float32)
         for name, (shape, dtype) in want.items():
@@ -297,9 +311,14 @@ class TeacherStore:
         t = self._shards[si]
         a, b = int(t["offsets"][j]), int(t["offsets"][j + 1])
         lse = {1.0: torch.zeros(b - a, dtype=torch.float32)}
-        lse.update({temp: t[lse_key(temp)][a:b] for temp in self.exact_temperatures if temp != 1.0})
+        if self.store_format != "hidden":  # a hidden store's c_T is exact from its hidden states, never stored
+            lse.update({temp: t[lse_key(temp)][a:b] for temp in self.exact_temperatures if temp != 1.0})
+        hidden = None
         if self.store_format == "compact":
             ids, lp = compact.decode({n: t[n][a:b] for n in compact.NAMES}, self.k, self.vocab_size)
+        elif self.store_format == "hidden":
+            hidden = t["hidden"][a:b]
+            ids, lp = torch.zeros(b - a, 0, dtype=torch.int32), torch.zeros(b - a, 0, dtype=torch.float32)
         else:
             ids, lp = t["topk_ids"][a:b], t["topk_logprobs"][a:b]
         return StoreExample(
@@ -309,6 +328,7 @@ class TeacherStore:
             topk_logprobs=lp,
             lse=lse,
             token_logprob=t["token_logprob"][a:b],
+            hidden=hidden,
         )
 
     def bytes_per_row(self) -> float:

@@ -29,6 +29,7 @@ class DistillExample:
     Shape:
         input_ids (P + R - 1,) long - student chat prompt (generation prompt included) + reply ids[:-1]
         token_ids (R,), topk_ids (R, k), topk_logprobs (R, k), lse_t (R,) float32 - c_T at the training T
+        teacher_hidden (R, H) or None - a hidden store's teacher hidden states (then k = 0 and lse_t is unused)
     """
 
     example_index: int
@@ -38,6 +39,7 @@ class DistillExample:
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     lse_t: torch.Tensor
+    teacher_hidden: torch.Tensor | None = None
 
 
 def lse_for(store: TeacherStore, temperature: float, example: StoreExample) -> torch.Tensor:
@@ -50,6 +52,8 @@ def lse_for(store: TeacherStore, temperature: float, example: StoreExample) -> t
     from ssb_kernels.reference import derive_lse_t
 
     t = float(temperature)
+    if example.hidden is not None:  # a hidden store: the loss forms c_T from the hidden states, nothing to look up
+        return torch.zeros(example.rows, dtype=torch.float32)
     if t in example.lse:
         return example.lse[t]
     if (str(store.path), t) not in _warned:
@@ -99,6 +103,7 @@ def build_student_examples(
                 topk_ids=ex.topk_ids,
                 topk_logprobs=ex.topk_logprobs,
                 lse_t=lse_for(store, temperature, ex),
+                teacher_hidden=ex.hidden,
             )
         )
     return out
