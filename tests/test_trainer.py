@@ -153,6 +153,11 @@ def test_step0_losses_equal_full_logit_reference(world, tmp_path):
     assert m["kd_loss"] == pytest.approx(kd, rel=1e-5)
     assert m["ce_loss"] == pytest.approx(ce, rel=1e-5)
     assert m["distilled_tokens"] == sum(e.token_ids.numel() for e in batch)
+    # the stored top-k's teacher mass at the training T (exact c_T) and at T = 1
+    lp, lse = torch.cat([e.topk_logprobs for e in batch]).double(), torch.cat([e.lse_t for e in batch]).double()
+    assert m["teacher_topk_mass"] == pytest.approx(float((lp / T - lse[:, None]).exp().sum(-1).mean()), rel=1e-6)
+    assert m["teacher_topk_mass_t1"] == pytest.approx(float(lp.exp().sum(-1).mean()), rel=1e-6)
+    assert m["teacher_topk_mass"] < m["teacher_topk_mass_t1"]
 
 
 def test_untied_llama_head_is_the_real_lm_head(world, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +27,7 @@ class Example(Protocol):
         input_ids (P+R-1,) long: student prompt with generation prompt + reply ids[:-1]
         token_ids (R,), topk_ids (R, k), topk_logprobs (R, k), lse_t (R,)
         hidden positions reply_start .. reply_start+R-1 predict the R reply tokens.
+        A hidden store's examples also have ``teacher_hidden`` (R, H) (and k = 0); others may lack the attribute.
     """
 
     input_ids: torch.Tensor
@@ -46,6 +47,7 @@ class Batch:
         rows (N,) long: flat indices into the (B*L) hidden states of the N distilled positions
         token_ids (N,) long; topk_ids (N, k) long; topk_logprobs (N, k) float32; lse_t (N,) float32
         reply_lens (E,) long: reply length of each of the E examples
+        teacher_hidden (N, H) in the store's dtype, or None: a hidden store's exact teacher (then k = 0)
     """
 
     input_ids: torch.Tensor
@@ -57,6 +59,7 @@ class Batch:
     topk_logprobs: torch.Tensor
     lse_t: torch.Tensor
     reply_lens: torch.Tensor
+    teacher_hidden: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -80,7 +83,13 @@ def check_examples(examples: Sequence[Example]) -> None:
     if not examples:
         raise ValueError("no training examples (is RUN_DIR/capture empty?)")
     k = examples[0].topk_ids.shape[-1]
+    hidden = teacher_hidden(examples[0]) is not None
     for i, ex in enumerate(examples):
+        th = teacher_hidden(ex)
+        if (th is not None) != hidden:
+            raise ValueError(f"example {i}: hidden-store and sparse-store examples cannot train together")
+        if th is not None and (th.dim() != 2 or th.shape[0] != int(ex.token_ids.numel())):
+            raise ValueError(f"example {i}: teacher_hidden has shape {tuple(th.shape)}, expected (R, H)")
         r = int(ex.token_ids.numel())
         if ex.input_ids.dim() != 1 or r < 1:
             raise ValueError(f"example {i}: input_ids must be 1-D and the reply non-empty")
@@ -95,6 +104,11 @@ def check_examples(examples: Sequence[Example]) -> None:
                 raise ValueError(f"example {i}: {name} has shape {tuple(t.shape)}, expected ({r}, {k})")
         if tuple(ex.lse_t.shape) != (r,):
             raise ValueError(f"example {i}: lse_t has shape {tuple(ex.lse_t.shape)}, expected ({r},)")
+
+
+def teacher_hidden(ex: Example) -> torch.Tensor | None:
+    """A hidden store's teacher hidden states (R, H) of ``ex``, else None."""
+    return getattr(ex, "teacher_hidden", None)
 
 
 def steps_for(n_examples: int, epochs: int, global_batch: int, max_steps: int | None) -> int:
@@ -174,6 +188,7 @@ def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> B
     rows = torch.cat(
         [torch.arange(ex.token_ids.numel()) + off + ex.reply_start for ex, off in zip(examples, offsets, strict=True)]
     )
+    hidden = [teacher_hidden(ex) for ex in examples]
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -184,10 +199,58 @@ def collate(examples: Sequence[Example], *, packing: bool, pad_id: int = 0) -> B
         topk_logprobs=torch.cat([ex.topk_logprobs.float() for ex in examples]),
         lse_t=torch.cat([ex.lse_t.float() for ex in examples]),
         reply_lens=torch.tensor([int(ex.token_ids.numel()) for ex in examples]),
+        teacher_hidden=torch.cat(hidden) if hidden[0] is not None else None,
     )
 
 
-def teacher_topk_mass(batch: Batch) -> torch.Tensor:
-    """Teacher probability mass (T = 1) inside the stored top-k, summed over rows. Shape: scalar float64."""
+def teacher_topk_mass(batch: Batch, temperature: float) -> torch.Tensor:
+    """Teacher probability mass inside the stored top-k, summed over rows, at T = 1 (``c_1 = 0``) or at the training
+    T, whose ``c_T`` the batch carries (``lse_t``): ``sum_K exp(l_j / T - c_T)``. Exact when the store captured that
+    ``c_T``; else the one-token tail's, an upper bound for T > 1 (the loop names it ``teacher_topk_mass_approx``).
+    Sparse batches only (a hidden store's mass comes from its hidden states: ``ssb.store.hidden.topk_mass``).
+
+    Shape: scalar float64
+    """
     valid = batch.topk_ids >= 0
-    return (batch.topk_logprobs.double().exp() * valid).sum()
+    c = batch.lse_t.double()[:, None] if float(temperature) != 1.0 else 0.0
+    return (torch.exp(batch.topk_logprobs.double() / float(temperature) - c) * valid).sum()
+
+
+@dataclass
+class TeacherMass:
+    """How the loop reports the teacher's top-``k`` mass at the training temperature (``metrics.jsonl``).
+
+    Sparse stores: the stored top-k's mass, exact from the stored log-probs and ``c_T``, named
+    ``teacher_topk_mass_approx`` when some store lacks the exact ``c_T`` at T (its one-token tail makes the figure
+    an upper bound for T > 1). Hidden stores: the exact top-``k`` mass (``k = capture.k``) from the teacher's hidden
+    states through the head, computed once per example and cached (``ssb.store.hidden.topk_mass``).
+    """
+
+    k: int
+    key: str = "teacher_topk_mass"
+    cache: dict[int, tuple[float, float]] = field(default_factory=dict)  # hidden: example -> (at T, at T = 1)
+
+    def sums(self, batch: Batch, indices: list[int], weight: torch.Tensor, temperature: float) -> list:
+        """(mass at T, mass at T = 1) summed over the batch's rows (float64 tensors or floats)."""
+        if batch.teacher_hidden is None:
+            return [teacher_topk_mass(batch, temperature), teacher_topk_mass(batch, 1.0)]
+        if any(i not in self.cache for i in indices):
+            from ssb.store.hidden import topk_mass
+
+            m = topk_mass(batch.teacher_hidden, weight, [self.k], sorted({float(temperature), 1.0}))
+            at_t, at_1 = m[float(temperature)][self.k], m[1.0][self.k]
+            ends = batch.reply_lens.cumsum(0).tolist()
+            for i, a, b in zip(indices, [0, *ends[:-1]], ends):
+                self.cache[i] = (float(at_t[a:b].sum()), float(at_1[a:b].sum()))
+        return [sum(self.cache[i][0] for i in indices), sum(self.cache[i][1] for i in indices)]
+
+
+def teacher_mass_for(examples: Sequence[Example], stores: list, temperature: float, hidden_k: int) -> TeacherMass:
+    """What :class:`TeacherMass` reports for ``examples`` from ``stores`` (none: examples given directly, their
+    ``c_T`` taken as exact); ``hidden_k``: the k of a hidden store's figure (``capture.k``)."""
+    if teacher_hidden(examples[0]) is not None:
+        return TeacherMass(k=hidden_k)
+    t = float(temperature)
+    approx = any(t not in store.exact_temperatures for store in stores)
+    key = "teacher_topk_mass_approx" if approx else "teacher_topk_mass"
+    return TeacherMass(k=int(examples[0].topk_ids.shape[-1]), key=key)

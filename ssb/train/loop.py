@@ -38,15 +38,17 @@ from ssb.core.tracking import open_tracker
 from ssb.train.ckpt import claim_train_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from ssb.train.data import (
     Example,
+    TeacherMass,
     check_examples,
     collate,
     rank_micro_batches,
     steps_for,
     stream_indices,
-    teacher_topk_mass,
+    teacher_mass_for,
 )
 from ssb.train.model import attach_lora, build_base, distill_loss_sums, lm_head_weight
 from ssb.train.parallel import save_adapter, wrap_body
+from ssb.train.stores import check_hidden_heads, check_one_kind, open_stores
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     examples: Sequence[Example]
+    teacher_mass: TeacherMass
     lengths: list[int]
     global_batch: int
     total_steps: int
@@ -124,17 +127,18 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float, devi
     raise ValueError(f"train.optimizer: expected adamw|paged_adamw_8bit, got {name!r}")
 
 
-def load_examples(cfg: SSBConfig, run_dir: Path) -> list[Example]:
+def load_examples(cfg: SSBConfig, run_dir: Path, stores: list | None = None) -> list[Example]:
     """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``,
     then those of every ``train.extra_runs`` directory (the earlier rounds of ``rounds=R``), in that order."""
     from ssb.core.models import load_tokenizer
-    from ssb.store import TeacherStore, build_student_examples
+    from ssb.store import build_student_examples
 
     tokenizer = load_tokenizer(cfg.model)
     examples: list[Example] = []
-    stores = [TeacherStore(RunLayout(d).store) for d in (run_dir, *cfg.train.extra_runs)]
+    stores = open_stores(cfg, run_dir) if stores is None else stores
     if not cfg.distill.allow_teacher_mix:
         check_one_teacher(stores)
+    check_one_kind(stores)
     for d, store in zip((run_dir, *cfg.train.extra_runs), stores):
         examples += build_student_examples(store, RunLayout(d).curate_student, tokenizer, cfg.train.kd_temperature)
     return examples
@@ -169,13 +173,18 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
     layout = RunLayout(run_dir)
     out_dir = layout.train(tc.output_subdir)
     from_disk = examples is None
+    stores = open_stores(cfg, run_dir) if from_disk else []
     if from_disk:
-        examples = load_examples(cfg, run_dir)
+        examples = load_examples(cfg, run_dir, stores)
     check_examples(examples)
 
     torch.manual_seed(tc.seed)  # identical LoRA init on every rank
     base, facts = build_base(cfg.model, tc, device)
     peft_model = attach_lora(base, tc)
+    check_hidden_heads(stores, peft_model)
+    teacher_mass = teacher_mass_for(examples, stores, tc.kd_temperature, cfg.capture.k)
+    if teacher_mass.k:
+        facts["teacher_mass"] = f"top-{teacher_mass.k} at T={tc.kd_temperature} ({teacher_mass.key})"
     peft_model.train()
     random.seed(tc.seed + rank)  # per-rank RNG streams (dropout) from here on; the data order is rank-free
     torch.manual_seed(tc.seed + rank)
@@ -221,6 +230,7 @@ def setup(cfg: SSBConfig, run_dir: Path, *, resume: bool = False, examples: Sequ
         optimizer=optimizer,
         scheduler=scheduler,
         examples=examples,
+        teacher_mass=teacher_mass,
         lengths=[int(ex.input_ids.numel()) for ex in examples],
         global_batch=global_batch,
         total_steps=total_steps,
@@ -278,7 +288,8 @@ def train(
         scale = s.world / n_window
 
         # ---- forward/backward, accumulating; gradients synchronise on the last micro-batch only
-        stats = torch.zeros(6, dtype=torch.float64, device=dev)  # kd, ce, teacher mass, reply tokens, examples, input
+        # kd, ce, teacher top-k mass at T, reply tokens, examples, input tokens, teacher top-k mass at T = 1
+        stats = torch.zeros(7, dtype=torch.float64, device=dev)
         for j, b in enumerate(batches):
             b = b.to(dev)
             sync = j == len(batches) - 1 or s.world == 1
@@ -288,14 +299,16 @@ def train(
                 sums = distill_loss_sums(hidden, s.weight, b, tc)
                 loss = (tc.kd_weight * sums.kd + tc.ce_weight * sums.ce) * scale
                 loss.backward()
+            mass_t, mass_1 = s.teacher_mass.sums(b, micro[j], s.weight, tc.kd_temperature)
             stats += torch.stack(
                 [
                     sums.kd.detach().double(),
                     sums.ce.detach().double(),
-                    teacher_topk_mass(b).to(dev),
+                    torch.as_tensor(mass_t, dtype=torch.float64, device=dev),
                     b.reply_lens.sum().double().to(dev),
                     torch.tensor(float(len(b.reply_lens)), dtype=torch.float64, device=dev),
                     torch.tensor(float(b.n_input_tokens), dtype=torch.float64, device=dev),
+                    torch.as_tensor(mass_1, dtype=torch.float64, device=dev),
                 ]
             )
 
@@ -325,7 +338,8 @@ def train(
             "step_time_s": step_time,
             "peak_memory_mb": peak_memory_mb(dev),
             "completion_length": stats[3] / stats[4],
-            "teacher_topk_mass": stats[2] / n,
+            s.teacher_mass.key: stats[2] / n,  # at the training T (TeacherMass says how it is formed)
+            "teacher_topk_mass_t1": stats[6] / n,
         }
         if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
             append_jsonl(layout.metrics(sub), [record])

@@ -2,7 +2,8 @@
 
 The loss path never calls the LM head on the full sequence: :class:`StudentBody` returns the final
 (normed) hidden states, the trainer selects the reply positions, and :func:`distill_loss_sums` hands them
-with the (frozen, possibly tied) LM head weight to ``ssb_kernels.sparse_kd_loss``.
+with the (frozen, possibly tied) LM head weight to ``ssb_kernels.sparse_kd_loss``, or, for a hidden store (the
+exact teacher, ``ssb.store.hidden``), to ``ssb_kernels.hidden_kd_loss`` with the teacher's hidden states.
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
     teacher (k = 1, log-prob 0, T = 1, c_1 = 0), which with the ``tail`` variant is exactly ``-log p(token)``.
     Either way no logits are materialised. A term whose weight is 0 is not computed (returns 0).
 
+    A hidden-store batch (``batch.teacher_hidden``) takes KD from ``ssb_kernels.hidden_kd_loss``: the exact
+    full-vocabulary divergence against ``softmax(W h_teacher / T)`` (``train.variant`` does not apply: with the whole
+    vocabulary, tail and renorm are the same loss). Its CE, when weighted, is the one-hot pass above: a second pass
+    over the head, since the hidden kernel has no fused CE.
+
     Shape:
         hidden (B, L, H); weight (V, H); batch.rows (N,) -> scalars
     """
@@ -181,6 +187,8 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H)
     zero = h.new_zeros((), dtype=torch.float32)
     kd = ce = zero
+    if batch.teacher_hidden is not None:
+        return hidden_loss_sums(h, weight, batch, train_cfg)
     kd_args = dict(lse_t=batch.lse_t, temperature=train_cfg.kd_temperature, variant=train_cfg.variant,
                    reduction="sum", impl=train_cfg.loss_impl, divergence=train_cfg.divergence,
                    beta=train_cfg.jsd_beta)  # fmt: skip
@@ -200,4 +208,22 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
             reduction="sum",
             impl=train_cfg.loss_impl,
         )
+    return LossSums(kd=kd.float(), ce=ce.float())
+
+
+def hidden_loss_sums(h: torch.Tensor, weight: torch.Tensor, batch: Batch, train_cfg: TrainConfig) -> LossSums:
+    """:func:`distill_loss_sums` for a hidden store: exact KD (``ssb_kernels.hidden_kd_loss``) and, weighted, CE
+    from a separate one-hot pass. Shape: h (N, H), batch.teacher_hidden (N, H) -> scalars"""
+    from ssb_kernels import hidden_kd_loss, sparse_kd_loss
+
+    kd = ce = h.new_zeros((), dtype=torch.float32)
+    if train_cfg.kd_weight != 0:
+        kd = hidden_kd_loss(h, weight, batch.teacher_hidden.to(h.dtype), temperature=train_cfg.kd_temperature,
+                            divergence=train_cfg.divergence, beta=train_cfg.jsd_beta, reduction="sum",
+                            impl=train_cfg.loss_impl)  # fmt: skip
+    if train_cfg.ce_weight != 0:
+        ids = batch.token_ids.long()[:, None]
+        ce = sparse_kd_loss(h, weight, ids, torch.zeros_like(ids, dtype=torch.float32),
+                            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32), temperature=1.0,
+                            variant="tail", reduction="sum", impl=train_cfg.loss_impl)  # fmt: skip
     return LossSums(kd=kd.float(), ce=ce.float())
