@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ssb.core.files import InputError
-
-CI_LEVEL = 0.95
+from ssb.core.stats import CI_LEVEL, bootstrap_ci  # defined one floor down (curate uses it too); re-exported
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -66,22 +65,6 @@ def per_problem(records: Sequence[dict], k: int, metric: str) -> np.ndarray:
         else:
             raise ValueError(f"unknown metric {metric!r} (expected 'pass' or 'maj')")
     return out
-
-
-def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = CI_LEVEL) -> list[float]:
-    """Percentile bootstrap CI of the mean of per-problem ``values`` (problems resampled with replacement).
-
-    Shape: values (P,) -> [lo, hi]. With P == 0 returns [nan, nan]; with P == 1 the interval is the point.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return [math.nan, math.nan]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.size, size=(n_boot, values.size))  # (B, P)
-    means = values[idx].mean(axis=1)
-    alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return [float(lo), float(hi)]
 
 
 def sign_test_p(wins: int, losses: int) -> float:
