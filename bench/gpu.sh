@@ -12,7 +12,7 @@
 # (Liger, CCE: when importable, also from .peers/), topk, pytest -m gpu (when installed). A stage that the time left
 # cannot cover is skipped and named; one that overruns is killed at the deadline. Every result is appended to
 # $OUT/<device-slug>-<commit>.jsonl the moment it exists (default OUT: bench/results/; for SSB_GPU_SMALL a temporary
-# folder), with a .log, and, if time remains, a .md summary (README table rows) and a .json suite for
+# folder), with a .log, and, if time remains, a .md summary (docs/PERFORMANCE.md table rows) and a .json suite for
 # bench/report.py and bench/check.py.
 # SSB_COMMIT names the commit where the checkout has no .git. SSB_GPU_STAGES=kd,topk runs a subset.
 # ssb_kernels is made importable by a PYTHONPATH shim (the repo's kernels/ folder linked as ssb_kernels).

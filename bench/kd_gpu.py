@@ -10,12 +10,12 @@ minimum (``Stage.est_s``); one that overruns is killed at the deadline (its proc
 SIGKILL), and what it already wrote stays. A few seconds are kept for the summary.
 
 Files, in ``$OUT`` (default bench/results/; with SSB_GPU_SMALL a temporary folder, so a dry run never lands in
-the README table), named ``<slug>-<commit>`` from the device (``nvidia-h200``, ``cpu-interpreter``):
+the performance table), named ``<slug>-<commit>`` from the device (``nvidia-h200``, ``cpu-interpreter``):
   .jsonl  every record, appended and flushed the moment it exists (one JSON object per line; every record has
           ``run``, ``stage``, ``kind``: env / stage (status start, done, skipped, killed, failed) / result /
           skip / error / verdict)
   .log    everything the stages printed
-  .md     the summary (stage table, correctness, timings, and the README table rows), if time remains
+  .md     the summary (stage table, correctness, timings, and the performance table rows), if time remains
   .json   the timings as a bench/measure.py suite file (suite "kd_gpu"), read by bench/report.py and check.py
 
 Timing stages need a passing correctness verdict from the same run: no benchmark of wrong kernels
@@ -209,7 +209,7 @@ def _f(v: Any, fmt: str = ".3g") -> str:
 
 
 def summary_markdown(recs: list[dict], env: dict, suite_path: Path | None) -> str:
-    """Markdown: stages, correctness cases, timings, and the README table rows (bench/report.py's table)."""
+    """Markdown: stages, correctness cases, timings, and the performance table rows (bench/report.py's table)."""
     head = env.get("device", "?")
     lines = [f"# bench/gpu.sh on {head} (commit {env.get('commit', '?')}, run {env.get('run', '?')})", ""]
     lines += [f"Budget {_f(env.get('budget_s'))} s, used {_f(env.get('used_s'), '.0f')} s; small shapes: "
@@ -255,9 +255,9 @@ def summary_markdown(recs: list[dict], env: dict, suite_path: Path | None) -> st
 
             rows = report.load_rows([suite_path])
             if rows:
-                lines += ["", f"README rows (`python bench/report.py {suite_path.name}`):", "", report.table(rows)]
+                lines += ["", f"table rows (`python bench/report.py {suite_path.name}`):", "", report.table(rows)]
         except Exception as e:  # the summary must not die on the report's account
-            lines += ["", f"(README rows unavailable: {type(e).__name__}: {e})"]
+            lines += ["", f"(performance table rows unavailable: {type(e).__name__}: {e})"]
     return "\n".join(lines) + "\n"
 
 

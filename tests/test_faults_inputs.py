@@ -296,7 +296,7 @@ def test_a_missing_eval_adapter_in_the_config_fails_at_load(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# eval --compare takes run directories, as the README says
+# eval --compare takes run directories, as docs/USAGE.md says
 
 
 def _eval_run(run: Path, labels: tuple[str, ...], seed: int) -> None:
