@@ -91,6 +91,11 @@ class CurateConfig(SamplingConfig):
     target_pairs: int = 256
     attempts: int = 1  # robust solutions sampled per problem; the first correct one is kept (paper: 1)
     export_hf: bool = False  # also save the student pairs as a HF dataset (RUN_DIR/curate/hf, save_to_disk)
+    template: str = "paper"  # the hinted view: paper | short | multiturn (ssb.core.prompts.TEMPLATES)
+    require_better_teacher: bool = True  # ssb run stops after curate when the hinted view is not the better policy
+    repeat_ngram: int = 8  # a robust solution repeating one n-gram of this many words ...
+    repeat_max: int = 2  # ... more than this many times is rejected as looping (repeat_ngram=0: no check)
+    val_problems: int = 64  # --compare-templates: data.split's problems data.limit .. data.limit + this (held out)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import sys
 from ssb.config import SSBConfig, config_hash, save_config
 from ssb.core.files import atomic_write_json, atomic_write_jsonl, claim_dir, sha256_file
 from ssb.core.layout import RunLayout
-from ssb.core.prompts import student_messages, teacher_messages
+from ssb.core.prompts import student_messages, teacher_messages, template
 from ssb.core.rollouts import read_rollouts, wrong_answer_groups
 from ssb.engines import derive_seed
 
@@ -122,13 +122,13 @@ def run(cfg: SSBConfig, *, resume: bool = True) -> int:
     outputs = [layout.curate_teacher.name, layout.curate_student.name, layout.curate_stats.name]
     claim_dir(layout.curate, state, outputs, tag="ssb curate")  # robust curation's pairs are moved aside, not lost
     save_config(cfg, layout.curate)
-    teacher, student = [], []
+    teacher, student, hinted = [], [], template(cfg.curate.template)
     for s in seqs:
         p, r, hint = s["problem"], s["sample"], s["hint"]
         reply = {"role": "assistant", "content": r["text"]}
         meta = {"id": p["id"], "answer": p["answer"], "source": "on_policy", "sample": r["sample"],
                 "correct": r["correct"], **{k: v for k, v in hint.items() if not k.endswith("_text")}}  # fmt: skip
-        t_conv = teacher_messages(p["question"], hint["correct_text"], hint["wrong_text"])
+        t_conv = teacher_messages(p["question"], hint["correct_text"], hint["wrong_text"], hinted)
         teacher.append({**meta, "messages": [*t_conv, reply]})
         student.append({**meta, "messages": [*student_messages(p["question"]), reply]})
     atomic_write_jsonl(layout.curate_teacher, teacher)

@@ -123,3 +123,35 @@ def test_end_of_turn_falls_back_to_eos():
     assert end_of_turn_id(tok) == eos
     ids = reply_ids(tok, "done</s>")
     assert ids[-1] == eos and ids.count(eos) == 1
+
+
+def test_paper_template_digest_is_unchanged():
+    """Stores captured before the template registry record this digest; the paper template must keep it."""
+    from ssb.core.prompts import TEMPLATES
+
+    assert TEMPLATES["paper"] is DEFAULT_PROMPTS and DEFAULT_PROMPTS.digest() == "a0f17925f95518c4"
+    assert len({t.digest() for t in TEMPLATES.values()}) == len(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", ["paper", "short", "multiturn"])
+def test_every_template_renders_through_the_chat_template(name, tiny_chat_model_dir):
+    """Each hinted view goes through the tiny test model's own chat template, turn by turn."""
+    from transformers import AutoTokenizer
+
+    from ssb.core.prompts import TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    msgs = teacher_messages(QUESTION, CORRECT, WRONG, TEMPLATES[name])
+    text = chat_text(tok, msgs)
+    assert prompt_ids(tok, msgs) == _encode(tok, text) and text.endswith("<|im_start|>assistant\n")
+    assert msgs[0]["content"] == SYSTEM_PROMPT and msgs[-1]["role"] == "user" and QUESTION in text
+    roles = [m["role"] for m in msgs]
+    if name == "multiturn":  # the correct attempt as the model's own earlier answer, then "solve it again"
+        assert roles == ["system", "user", "assistant", "user"]
+        assert msgs[1]["content"] == QUESTION and msgs[2]["content"] == CORRECT
+        assert "again" in msgs[3]["content"] and WRONG not in text
+    elif name == "short":  # the correct attempt only, one line of instruction
+        assert roles == ["system", "user"] and CORRECT in text and WRONG not in text
+        assert len(msgs[1]["content"]) < len(QUESTION) + len(CORRECT) + 150
+    else:
+        assert roles == ["system", "user"] and CORRECT in text and WRONG in text

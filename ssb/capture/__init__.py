@@ -29,7 +29,7 @@ from ssb.config import CaptureConfig, ConfigError, SSBConfig, config_to_dict, sa
 from ssb.core.files import move_aside, sha256_file, sha256_text, weights_stamp
 from ssb.core.layout import RunLayout
 from ssb.core.models import check_model_source, load_tokenizer
-from ssb.core.prompts import DEFAULT_PROMPTS
+from ssb.core.prompts import template
 from ssb.store import StoreCheck, StoreWriter, TeacherStore, chat_template_hash, check_store, tokenizer_hash
 from ssb.store.format import STORE_FORMATS, shard_name
 
@@ -91,7 +91,8 @@ def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str |
     m = cfg.model
     tok = load_tokenizer(m)
     items, skipped, n_inputs = load_items(teacher_jsonl, student_jsonl, tok, max_length(cfg))
-    settings = {"model": config_to_dict(m), "capture": config_to_dict(cfg.capture), "prompts": DEFAULT_PROMPTS.digest()}
+    prompts = template(cfg.curate.template).digest()  # teacher_sha256 already covers the rendered prompts
+    settings = {"model": config_to_dict(m), "capture": config_to_dict(cfg.capture), "prompts": prompts}
     settings["weights"] = weights_stamp(m.name_or_path)  # a local model rewritten in place is captured afresh
     inputs = {"teacher_jsonl": str(teacher_jsonl), "teacher_sha256": sha256_file(teacher_jsonl),
               "student_jsonl": str(student_jsonl), "student_sha256": sha256_file(student_jsonl)}  # fmt: skip
@@ -105,9 +106,9 @@ def teacher_identity(cfg: SSBConfig, tokenizer: dict) -> dict:
     """What makes two stores' targets come from the same teacher: the model (id, revision, weight files), the
     hinted template and the chat template. Train refuses to mix stores that differ here, unless
     ``distill.allow_teacher_mix``."""
-    m = cfg.model
+    m, hinted = cfg.model, template(cfg.curate.template).digest()
     return {"model": m.name_or_path, "revision": m.revision, "weights": weights_stamp(m.name_or_path),
-            "template": DEFAULT_PROMPTS.digest(), "chat_template": tokenizer["chat_template"]}  # fmt: skip
+            "template": hinted, "chat_template": tokenizer["chat_template"]}  # fmt: skip
 
 
 def capture(
@@ -190,7 +191,7 @@ def write_store(
         "fingerprint": plan.fingerprint,
         "model": {"id": m.name_or_path, "revision": m.revision, "dtype": m.dtype, "vocab_size": backend.vocab_size},
         "tokenizer": plan.tokenizer,
-        "prompts": {"digest": DEFAULT_PROMPTS.digest()},
+        "prompts": {"digest": template(cfg.curate.template).digest(), "template": cfg.curate.template},
         "teacher": teacher_identity(cfg, plan.tokenizer),
         "distilled": distilled_sequences(plan.inputs["teacher_jsonl"]),
         "backend": backend.name,

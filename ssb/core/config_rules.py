@@ -17,6 +17,7 @@ from ssb.core.data import HUB, LOCAL_SUFFIXES
 from ssb.core.files import InputError
 from ssb.core.grading import GRADING_MODES
 from ssb.core.models import DTYPE_NAMES, check_model_source
+from ssb.core.prompts import TEMPLATES
 
 if TYPE_CHECKING:
     from ssb.config import SSBConfig
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "capture.kernel_impl": KERNEL_IMPLS,
     "train.schedule": ("cosine", "linear", "constant"),
     "distill.source": ("robust", "on_policy", "both"),
+    "curate.template": tuple(TEMPLATES),
     "train.variant": ("tail", "renorm"),
     "train.divergence": ("forward_kl", "reverse_kl", "jsd"),
     "train.loss_impl": KERNEL_IMPLS,
@@ -96,6 +98,9 @@ RANGES: dict[str, Range] = {
        (("top_p", FRACTION), ("max_new_tokens", POSITIVE), ("seed", SEED))},
     "curate.target_pairs": POSITIVE,
     "curate.attempts": POSITIVE,
+    "curate.repeat_ngram": Range(0, note="0: no repetition check"),
+    "curate.repeat_max": POSITIVE,
+    "curate.val_problems": POSITIVE,
     "distill.max_sequences": Range(0, note="0: all"),
     "capture.k": Range(1, note="top-k log-probs kept per token"),
     "capture.token_budget": POSITIVE,

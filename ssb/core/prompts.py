@@ -8,6 +8,7 @@ is learned. Templates follow the SSB reference implementation
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ssb.core.files import sha256_text
@@ -44,18 +45,67 @@ End the whole response with the final answer in \\boxed{{}}, and make sure it ex
 answer of the correct response."""
 
 
+SHORT_TEMPLATE = """{question}
+
+A correct solution:
+---
+{correct}
+---
+
+Write your own step-by-step solution and end it with the final answer in \\boxed{{}}."""
+
+# Phrases that give a kept reply away as written from the hinted view: it talks about the shown attempts, the
+# students, the grader or the prompt's own wording instead of solving the problem. Matched case-insensitively at
+# a word start ("attempt" also catches "attempts"), by ``leaked_phrase``; each template adds its own wording.
+LEAKS_COMMON = ("student", "attempt", "grader", "graded", "response", "math problem", "the correct answer to the")
+LEAKS = {
+    "paper": (*LEAKS_COMMON, "marked incorrect", "were shown", "was shown", "robust"),
+    "short": (*LEAKS_COMMON, "correct solution", "solution above", "given solution", "provided solution"),
+    "multiturn": (*LEAKS_COMMON, "solve it again", "solving it again", "once again", "as before", "previous",
+                  "my earlier", "earlier solution", "earlier answer"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """The templates one run uses; hashed into manifests so stores and trainers can check they match."""
+    """The templates one run uses; hashed into manifests so stores and trainers can check they match.
+
+    The teacher's view is the system prompt, then ``before`` (earlier turns, ``(role, format string)``), then
+    ``hinted`` as the user turn the teacher answers; each format string may use ``{question}``, ``{correct}`` and
+    ``{incorrect}``. ``leaks``: the phrases a robust solution written from this view must not contain."""
 
     system: str = SYSTEM_PROMPT
     hinted: str = HINTED_TEMPLATE
+    name: str = "paper"
+    before: tuple[tuple[str, str], ...] = ()
+    leaks: tuple[str, ...] = LEAKS["paper"]
 
     def digest(self) -> str:
-        return sha256_text(self.system + "\x00" + self.hinted)[:16]
+        turns = "".join(f"\x00{role}\x00{text}" for role, text in self.before)  # "" for one user turn: old digests
+        return sha256_text(self.system + "\x00" + self.hinted + turns)[:16]
 
 
 DEFAULT_PROMPTS = PromptSet()
+# The hinted views ``curate.template`` names. paper: the SSB reference's prompt (both attempts, long instructions);
+# short: the correct attempt only, one line of instruction; multiturn: the correct attempt as the model's own earlier
+# answer, then a request to solve it again.
+TEMPLATES: dict[str, PromptSet] = {
+    "paper": DEFAULT_PROMPTS,
+    "short": PromptSet(hinted=SHORT_TEMPLATE, name="short", leaks=LEAKS["short"]),
+    "multiturn": PromptSet(
+        hinted="Solve it again, step by step.",
+        name="multiturn",
+        before=(("user", "{question}"), ("assistant", "{correct}")),
+        leaks=LEAKS["multiturn"],
+    ),
+}
+
+
+def template(name: str) -> PromptSet:
+    """The hinted view ``curate.template`` names (a ValueError lists the choices)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"hinted template {name!r}: expected one of {'|'.join(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 def student_messages(question: str, prompts: PromptSet = DEFAULT_PROMPTS) -> list[dict]:
@@ -68,11 +118,23 @@ def hinted_user_prompt(question: str, correct: str, incorrect: str, prompts: Pro
 
 
 def teacher_messages(question: str, correct: str, incorrect: str, prompts: PromptSet = DEFAULT_PROMPTS) -> list[dict]:
-    """System + hinted prompt (question, one correct and one wrong rollout): what the teacher sees."""
+    """System + the hinted view of ``prompts`` (question, a correct and a wrong rollout): what the teacher sees."""
+    fill = {"question": question, "correct": correct, "incorrect": incorrect}
+    earlier = [{"role": role, "content": text.format(**fill)} for role, text in prompts.before]
     return [
         {"role": "system", "content": prompts.system},
+        *earlier,
         {"role": "user", "content": hinted_user_prompt(question, correct, incorrect, prompts)},
     ]
+
+
+def leaked_phrase(reply: str, prompts: PromptSet = DEFAULT_PROMPTS) -> str | None:
+    """The first of ``prompts.leaks`` that ``reply`` contains (case-insensitive, at a word start), or None."""
+    low = reply.lower()
+    for phrase in prompts.leaks:
+        if re.search(r"(?<![a-z])" + re.escape(phrase), low):
+            return phrase
+    return None
 
 
 def end_of_turn_id(tokenizer) -> int:

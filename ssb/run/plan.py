@@ -78,6 +78,21 @@ def _nothing_to_distil(cfg: SSBConfig) -> str | None:
     )
 
 
+def _teacher_not_better(cfg: SSBConfig) -> str | None:
+    """After round 1's curate: the hinted view measured no better a policy than the bare model on the same problems
+    (``premise`` in curation_stats.json, :mod:`ssb.curate.premise`), unless ``curate.require_better_teacher=false``."""
+    from ssb.curate.premise import is_better
+
+    premise = json.loads(RunLayout(cfg.run_dir).curate_stats.read_text()).get("premise")  # on-policy writes none
+    if not cfg.curate.require_better_teacher or is_better(premise):
+        return None
+    return f"{premise['line']}; curate.require_better_teacher=false distils from it anyway"
+
+
+def _after_curate(cfg: SSBConfig) -> str | None:
+    return _nothing_to_distil(cfg) or _teacher_not_better(cfg)
+
+
 def _capture(cfg: SSBConfig) -> int:
     from ssb import capture
 
@@ -106,7 +121,7 @@ STAGES: list[Stage] = [
           "sample K graded rollouts per problem", {"resume": True}, check=outputs.rollout),
     Stage("curate", ("curate", "distill"), _curate,
           "pick correct/wrong pairs and write hinted robust solutions (distill.source=on_policy: select the "
-          "student's own samples for the hinted teacher to score)", {"resume": True}, _nothing_to_distil,
+          "student's own samples for the hinted teacher to score)", {"resume": True}, _after_curate,
           outputs.curate),
     Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store",
           check=outputs.capture),

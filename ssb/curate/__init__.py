@@ -3,13 +3,16 @@
 For each problem (in rollout order) with at least one correct and one wrong boxed answer among its untruncated
 rollouts: pick a correct rollout and a rollout of the most common wrong answer (ties broken by an RNG seeded
 with (curate.seed, problem id), the choice recorded), build the hinted teacher prompt, and generate the robust
-solution (``curate.attempts`` samples, seeds from (curate.seed, id, j)). It is kept only when it stops by itself
-with a correct boxed answer (:func:`ssb.core.grading.grade`, ``grading.mode``). Stops at ``curate.target_pairs``
-or when the problems run out, and says which.
+solution (``curate.attempts`` samples, seeds from (curate.seed, id, j)) from the hinted view ``curate.template``
+names (:data:`ssb.core.prompts.TEMPLATES`). It is kept only when it is an honest solution (:mod:`ssb.curate.judge`):
+it stops by itself with a correct boxed answer (:func:`ssb.core.grading.grade`, ``grading.mode``), does not refer
+to the attempts or the grading, and does not loop. Stops at ``curate.target_pairs`` or when the problems run out,
+and says which.
 
 Outputs under ``RUN_DIR/curate/``: ``teacher.jsonl`` and ``student.jsonl`` (line i of each is the same example),
-``curation_stats.json`` (one status per problem, the counts add up to the number of problems; and the hinted
-teacher's per-attempt accuracy), and, private to this stage, ``decisions.jsonl`` (every generated solution and
+``curation_stats.json`` (one status per problem, the counts add up to the number of problems; every rejected hinted
+sample by reason; the template; and ``premise``, the hinted view against the bare model, :mod:`ssb.curate.premise`),
+and, private to this stage, ``decisions.jsonl`` (every generated solution and
 its verdict, the audit log and the resume point) with ``state.json`` (what it was made with: work of other
 settings or rollouts is moved aside to ``curate.stale-<time>/``, never rewritten). With ``curate.export_hf: true``
 the student pairs are also saved with ``datasets.Dataset.save_to_disk`` in ``hf/`` (columns ``id``, ``messages``:
@@ -41,11 +44,14 @@ from ssb.core.files import (
     sha256_text,
     weights_stamp,
 )
-from ssb.core.grading import grade
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import prompt_ids, student_messages, teacher_messages
 from ssb.core.rollouts import read_rollouts, wrong_answer_groups
+from ssb.curate.judge import DEFAULT_JUDGE, Judge, judge_solution, rejections
+from ssb.curate.premise import premise_report
 from ssb.engines import Engine, Sampling, derive_seed, make_engine
+
+__all__ = ["STATUSES", "Judge", "choose_pair", "judge_solution", "run", "run_curation"]
 
 DECISIONS = "decisions.jsonl"  # private: one line per generated candidate (audit log, resume point)
 # Every problem ends in exactly one of these (kept problems beyond the target count as not_reached).
@@ -57,6 +63,8 @@ STATUSES = (
     "truncated",
     "no_boxed_answer",
     "robust_wrong",
+    "leaks_hint",
+    "repeats",
     "not_reached",
 )
 
@@ -90,16 +98,6 @@ def choose_pair(problem_id: str, rollouts: list[dict], seed: int) -> tuple[str, 
         "correct_text": correct_pick["text"],
         "wrong_text": wrong_pick["text"],
     }
-
-
-def judge_solution(text: str, finish_reason: str, gold: str, mode: str = "strict") -> str:
-    """Verdict on a robust solution: kept, truncated, no_boxed_answer or robust_wrong."""
-    verdict = grade(text, gold, finish_reason=finish_reason, mode=mode)
-    if verdict.status == "truncated":
-        return "truncated"
-    if verdict.answer is None:
-        return "no_boxed_answer"
-    return "kept" if verdict.correct else "robust_wrong"
 
 
 def run_curation(
@@ -153,7 +151,7 @@ def run_curation(
         lo = start
         while lo < len(candidates) and kept < target:
             chunk = candidates[lo : lo + batch]
-            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, cfg.grading.mode)
+            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, Judge.from_config(cfg))
             append_jsonl(path, new)
             decisions.extend(new)
             kept += sum(d["status"] == "kept" for d in new)
@@ -167,17 +165,17 @@ def run_curation(
             bar.close()
         if owned and engine is not None:
             engine.close()
-    return _finish(cfg, layout, problems, status, candidates, decisions)
+    return _finish(cfg, layout, problems, status, candidates, decisions, by_id)
 
 
 def _generate_batch(
-    engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None, mode: str = "strict"
+    engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None, judge: Judge = DEFAULT_JUDGE
 ) -> list[dict]:
-    """Robust solutions for one batch of candidates; one decision record per candidate."""
+    """Robust solutions for one batch of candidates from ``judge.prompts``' hinted view; one decision record each."""
     records: list[dict] = []
     todo = []
     for p, choice in chunk:
-        conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"])
+        conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"], judge.prompts)
         rec = {"id": p["id"], "status": "", **{k: v for k, v in choice.items() if not k.endswith("_text")}}
         records.append(rec)
         if max_model_len is not None and len(prompt_ids(engine.tokenizer, conv)) >= max_model_len:
@@ -190,7 +188,7 @@ def _generate_batch(
     for (rec, _, gold), comps in zip(todo, outs):
         # curate.attempts > 1: the first correct attempt is kept (else the first attempt's verdict stands);
         # every attempt's verdict is recorded, so the hinted teacher's accuracy stays measurable.
-        verdicts = [judge_solution(c.text, c.finish_reason, gold, mode) for c in comps]
+        verdicts = [judge(c.text, c.finish_reason, gold) for c in comps]
         pick = verdicts.index("kept") if "kept" in verdicts else 0
         comp = comps[pick]
         rec.update(
@@ -204,9 +202,10 @@ def _generate_batch(
     return records
 
 
-def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, decisions) -> dict:
+def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, decisions, rollouts) -> dict:
     """Write teacher/student pairs (first ``target_pairs`` kept, in problem order) and the stats."""
     target = cfg.curate.target_pairs
+    prompts = Judge.from_config(cfg).prompts
     by_id = {d["id"]: d for d in decisions}
     teacher, student = [], []
     for p, choice in candidates:
@@ -218,7 +217,7 @@ def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, dec
         if d["status"] != "kept":
             continue
         reply = {"role": "assistant", "content": d["solution"]}
-        teacher_conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"])
+        teacher_conv = teacher_messages(p["question"], choice["correct_text"], choice["wrong_text"], prompts)
         teacher.append({"id": p["id"], "messages": [*teacher_conv, reply], "answer": p["answer"]})
         student.append({"id": p["id"], "messages": [*student_messages(p["question"]), reply], "answer": p["answer"]})
     atomic_write_jsonl(layout.curate_teacher, teacher)
@@ -237,14 +236,20 @@ def _finish(cfg: SSBConfig, layout: RunLayout, problems, status, candidates, dec
         "generated": len(decisions),
         "status_counts": counts,
         "hinted_attempts": hinted_attempts(decisions),
+        "rejections": rejections(decisions),
+        "template": {"name": prompts.name, "digest": prompts.digest()},
+        "premise": premise_report(decisions, rollouts, seed=cfg.curate.seed),
     }
     atomic_write_json(layout.curate_stats, stats)
     return stats
 
 
+NO_PAIR_CHANGE = ("export_hf", "require_better_teacher", "val_problems")  # curate keys that change no decision
+
+
 def _curation_hash(cfg: SSBConfig) -> str:
-    """``config_hash(cfg.curate)`` without ``export_hf``: exporting changes no pair, so it never invalidates work."""
-    section = {k: v for k, v in config_to_dict(cfg.curate).items() if k != "export_hf"}
+    """``config_hash(cfg.curate)`` without :data:`NO_PAIR_CHANGE`: those never invalidate finished work."""
+    section = {k: v for k, v in config_to_dict(cfg.curate).items() if k not in NO_PAIR_CHANGE}
     return sha256_text(json.dumps(section, sort_keys=True))[:16]
 
 
@@ -282,4 +287,8 @@ def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) ->
         f" statuses: {stats['status_counts']} -> {out_dir}",
         file=sys.stderr,
     )
+    rejected = {k: v for k, v in stats["rejections"].items() if v}
+    print(f"[ssb curate] hinted samples rejected ({stats['template']['name']} template): {rejected or 'none'}",
+          file=sys.stderr)  # fmt: skip
+    print(f"[ssb curate] {stats['premise']['line']}", file=sys.stderr)
     return 0
