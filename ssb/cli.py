@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="SSB vs on-policy (forward/reverse KL) vs SSB-then-on-policy at equal tokens, per seed",
             )
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-sources seeds")
+        if name == "curate":
+            what = "every hinted template's premise report on held-out training problems; names the best"
+            p.add_argument("--compare-templates", action="store_true", help=what)
         if name == "train":
             p.add_argument("--dry-run", action="store_true", help="memory report only: largest sequence that fits")
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -153,6 +156,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from ssb.run.compare import compare_sources
 
         return compare_sources(cfg, args.out or "runs/compare", args.seeds)
+    if args.stage == "curate" and args.compare_templates:
+        from ssb.curate import templates
+
+        return templates.run(cfg)
     if args.stage == "demo":
         from ssb.run.demo import demo
 

@@ -33,27 +33,12 @@ from ssb.core.files import (
     sha256_text,
     weights_stamp,
 )
-from ssb.core.grading import grade
 from ssb.core.layout import RunLayout
 from ssb.core.prompts import student_messages
-from ssb.engines import Completion, Engine, Sampling, make_engine
+from ssb.core.rollouts import grade_sample  # one record format for every bare sample
+from ssb.engines import Engine, Sampling, make_engine
 
 BatchHook = Callable[[int], None]  # called with the number of finished batches (tests raise here to "kill")
-
-
-def grade_sample(problem_id: str, sample: int, gold: str, completion: Completion, mode: str = "strict") -> dict:
-    """One rollouts.jsonl record. A truncated sample is never correct, whatever its text says."""
-    verdict = grade(completion.text, gold, finish_reason=completion.finish_reason, mode=mode)
-    return {
-        "id": problem_id,
-        "sample": sample,
-        "text": completion.text,
-        "answer": verdict.answer,
-        "gold": gold,
-        "correct": verdict.correct,
-        "finish_reason": completion.finish_reason,
-        "num_tokens": completion.num_tokens,
-    }
 
 
 def load_stage_problems(cfg: SSBConfig) -> tuple[list, dict]:

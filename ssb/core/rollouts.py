@@ -1,13 +1,35 @@
 """Reading a finished rollout stage (``RUN_DIR/rollout``): the problems and their graded samples, validated.
 
-Shared by the stages that select what to distil from the rollouts (``ssb.curate``, ``ssb.onpolicy``).
+Shared by the stages that select what to distil from the rollouts (``ssb.curate``, ``ssb.onpolicy``), and the one
+record format of a graded bare sample (:func:`grade_sample`: ``ssb rollout`` and ``ssb curate --compare-templates``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ssb.core.files import InputError, iter_jsonl
-from ssb.core.grading import cluster_answers
+from ssb.core.grading import cluster_answers, grade
 from ssb.core.layout import RunLayout
+
+if TYPE_CHECKING:
+    from ssb.engines import Completion
+
+
+def grade_sample(problem_id: str, sample: int, gold: str, completion: Completion, mode: str = "strict") -> dict:
+    """One rollouts.jsonl record. A truncated sample is never correct, whatever its text says."""
+    verdict = grade(completion.text, gold, finish_reason=completion.finish_reason, mode=mode)
+    return {
+        "id": problem_id,
+        "sample": sample,
+        "text": completion.text,
+        "answer": verdict.answer,
+        "gold": gold,
+        "correct": verdict.correct,
+        "finish_reason": completion.finish_reason,
+        "num_tokens": completion.num_tokens,
+    }
+
 
 _ROLLOUT_FIELDS = {"id": str, "sample": int, "text": str, "correct": bool, "finish_reason": str}
 
