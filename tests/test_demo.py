@@ -30,13 +30,15 @@ REPORT_KEYS = {
     "base_pass1",
     "ssb_pass1",
     "sft_pass1",
+    "rft_pass1",
+    "premise",
     "hinted_pass1",
     "pairs",
     "store_bytes_per_row",
     "dense_bytes_per_row",
     "stage_seconds",
 }
-ALL_STAGES = ["rollout", "curate", "capture", "train", "train_sft", "eval"]
+ALL_STAGES = ["rollout", "curate", "capture", "train", "train_sft", "train_rft", "eval"]
 
 
 def _demo_cmd(out: Path) -> list[str]:
@@ -88,9 +90,12 @@ def test_reduced_demo_survives_a_kill_and_reports(tmp_path):
         "train/adapter/adapter_config.json",
         "train/metrics.jsonl",
         "train_sft/adapter/adapter_config.json",
+        "train_rft/adapter/adapter_config.json",
+        "train_rft/pairs.jsonl",
         "eval/base/results.json",
         "eval/ssb/results.json",
         "eval/sft/results.json",
+        "eval/rft/results.json",
         "report.md",
         "report.png",
     ]:
@@ -100,7 +105,7 @@ def test_reduced_demo_survives_a_kill_and_reports(tmp_path):
     assert report["pairs"] >= 1
     teacher = (out / "curate" / "teacher.jsonl").read_text().splitlines()
     assert len(teacher) == report["pairs"]
-    for key in ("base_pass1", "ssb_pass1", "sft_pass1"):
+    for key in ("base_pass1", "ssb_pass1", "sft_pass1", "rft_pass1"):
         assert 0.0 <= report[key] <= 1.0
     assert report["store_bytes_per_row"] < report["dense_bytes_per_row_qwen"]
     assert set(report["stage_seconds"]) == set(ALL_STAGES)
@@ -111,4 +116,12 @@ def test_reduced_demo_survives_a_kill_and_reports(tmp_path):
     sft_metrics = [json.loads(x) for x in (out / "train_sft" / "metrics.jsonl").read_text().splitlines()]
     assert ssb_metrics[-1]["loss"] == pytest.approx(ssb_metrics[-1]["kd_loss"])
     assert sft_metrics[-1]["loss"] == pytest.approx(sft_metrics[-1]["ce_loss"])
+    # the RFT baseline: CE on the model's own correct rollouts, for the SFT control's tokens (within one step)
+    rft_metrics = [json.loads(x) for x in (out / "train_rft" / "metrics.jsonl").read_text().splitlines()]
+    assert rft_metrics[-1]["loss"] == pytest.approx(rft_metrics[-1]["ce_loss"])
+    tokens = report["trained_tokens"]
+    assert abs(tokens["rft"] - tokens["sft"]) <= max(m["distilled_tokens"] for m in rft_metrics)
+    assert report["premise"]["verdict"] == "better"  # the toy's hinted teacher is the better policy
+    md = (out / "report.md").read_text()
+    assert "| RFT baseline" in md and "Teacher premise on" in md and "SSB vs RFT" in md
     assert (out / "report.png").stat().st_size > 5000

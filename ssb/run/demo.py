@@ -2,8 +2,9 @@
 
 Stages (resumable, recorded in ``RUN_DIR/run.json``): rollout -> curate -> capture -> train (SSB: KD on the
 stored teacher) -> train_sft (the control: same pairs, same LoRA, cross-entropy on the teacher's solution
-tokens instead of the KD loss) -> eval (base, SSB and SFT students on the held-out toy test split, one
-engine) -> report (``report.json``, ``report.md``, ``report.png``). The report reads only the stages' public
+tokens instead of the KD loss) -> train_rft (the baseline: CE on the base model's own correct rollouts, the SFT
+control's token count, :mod:`ssb.run.rft`) -> eval (base, SSB, SFT and RFT students on the held-out toy test split,
+one engine) -> report (``report.json``, ``report.md``, ``report.png``). The report reads only the stages' public
 outputs (:class:`ssb.core.layout.RunLayout`) and ``run.json``.
 """
 
@@ -22,13 +23,15 @@ from ssb.core.models import merged_model
 from ssb.core.output import fmt_mb, fmt_rate
 from ssb.run import outputs
 from ssb.run.plan import Stage, stage
+from ssb.run.rft import RFT, rft_config, train_rft
 from ssb.run.rounds import ensure_student
 from ssb.run.runner import EXIT_STOPPED, load_manifest, run_pipeline
 
 DEFAULT_CONFIG = CONFIGS_DIR / "toy.yaml"  # shipped with the package, found from any working directory
 SFT = "train_sft"  # train.output_subdir of the SFT control
+TRAINED = {"ssb": "train", "sft": SFT, "rft": RFT}  # label -> train.output_subdir
 QWEN_VOCAB = 151936  # dense float32 logits of Qwen2.5 cost 4 * 151936 bytes per distilled token
-RUNS = ("base", "ssb", "sft")
+RUNS = ("base", "ssb", "sft", "rft")
 
 
 def sft_config(cfg: SSBConfig) -> SSBConfig:
@@ -45,18 +48,19 @@ def _train_sft(cfg: SSBConfig) -> int:
 
 
 def eval_models(cfg: SSBConfig) -> dict[str, str]:
-    """Label -> model directory for the demo eval: base, the SSB student (every round's with ``rounds > 1``) and
-    the SFT control. LoRAs are merged into plain weights first: vLLM's CPU LoRA path is ~5x slower than the plain
-    model on this tiny network, and the merged weights are the same function up to float rounding."""
+    """Label -> model directory for the demo eval: base, the SSB student (every round's with ``rounds > 1``), the
+    SFT control and the RFT baseline. LoRAs are merged into plain weights first: vLLM's CPU LoRA path is ~5x slower
+    than the plain model on this tiny network, and the merged weights are the same function up to float rounding."""
     layout = RunLayout(cfg.run_dir)
     models = {"base": cfg.model.name_or_path, "ssb": str(ensure_student(cfg, 1))}
     models["sft"] = str(merged_model(cfg.model, layout.adapter(SFT), layout.merged(SFT)))
+    models["rft"] = str(merged_model(cfg.model, layout.adapter(RFT), layout.merged(RFT)))
     models.update({f"ssb_round{r}": str(ensure_student(cfg, r)) for r in range(2, cfg.rounds + 1)})
     return models
 
 
 def _eval_all(cfg: SSBConfig) -> int:
-    """Base, SSB (per round) and SFT students on the eval benchmarks."""
+    """Base, SSB (per round), SFT and RFT students on the eval benchmarks."""
     from ssb.eval import evaluate
 
     for label, path in eval_models(cfg).items():
@@ -68,7 +72,7 @@ def _eval_all(cfg: SSBConfig) -> int:
 
 
 def eval_labels(cfg: SSBConfig) -> list[str]:
-    """The labels of :func:`eval_models`, without merging anything: base, SSB, SFT, then SSB of rounds 2..R."""
+    """The labels of :func:`eval_models`, without merging anything: base, SSB, SFT, RFT, then SSB of rounds 2..R."""
     return [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
 
 
@@ -76,6 +80,7 @@ def demo_plan() -> list[Stage]:
     return [
         *(stage(n) for n in ("rollout", "curate", "capture", "train")),
         Stage("train_sft", (), _train_sft, check=lambda cfg: outputs.train(sft_config(cfg))),
+        Stage("train_rft", (), lambda cfg: train_rft(cfg, match=SFT), check=lambda cfg: outputs.train(rft_config(cfg))),
         Stage("eval", ("eval",), _eval_all, check=lambda cfg: outputs.results(cfg, eval_labels(cfg))),
     ]
 
@@ -89,6 +94,10 @@ def _hinted_pass1(curation: dict) -> tuple[float | None, int]:
 def _last_metric(path: Path, key: str) -> float | None:
     values = [rec[key] for _, rec in iter_jsonl(path) if key in rec] if path.exists() else []
     return values[-1] if values else None
+
+
+def _sum_metric(path: Path, key: str) -> int:
+    return sum(rec.get(key, 0) for _, rec in iter_jsonl(path)) if path.exists() else 0
 
 
 def _mean_metric(path: Path, key: str) -> float | None:
@@ -128,6 +137,7 @@ def build_report(cfg: SSBConfig) -> dict:
         "base_pass1": pass1("base")["value"],
         "ssb_pass1": pass1("ssb")["value"],
         "sft_pass1": pass1("sft")["value"],
+        "rft_pass1": pass1("rft")["value"],
         "ci95": {label: pass1(label)["ci"] for label in RUNS},
         "hinted_pass1": hinted,
         "hinted_attempts": hinted_n,
@@ -135,6 +145,10 @@ def build_report(cfg: SSBConfig) -> dict:
         "curation": curation,
         "ssb_vs_base": compare(results["base"], results["ssb"]),
         "ssb_vs_sft": compare(results["sft"], results["ssb"]),
+        "ssb_vs_rft": compare(results["rft"], results["ssb"]),
+        "premise": curation.get("premise"),
+        "rft_examples": sum(1 for _ in iter_jsonl(layout.train(RFT) / "pairs.jsonl")),
+        "trained_tokens": {k: _sum_metric(layout.metrics(sub), "distilled_tokens") for k, sub in TRAINED.items()},
         "store_bytes_per_row": store["bytes_per_row"],
         "dense_bytes_per_row": store["dense_fp32_bytes_per_row"],
         "dense_bytes_per_row_qwen": 4 * QWEN_VOCAB,
@@ -144,6 +158,7 @@ def build_report(cfg: SSBConfig) -> dict:
             "rollout": rollout_timing.get("tokens_per_s"),
             "train_ssb": _mean_metric(layout.metrics(), "distilled_tokens_per_s"),
             "train_sft": _mean_metric(layout.metrics(SFT), "distilled_tokens_per_s"),
+            "train_rft": _mean_metric(layout.metrics(RFT), "distilled_tokens_per_s"),
         },
         "train_peak_memory_mb": _last_metric(layout.metrics(), "peak_memory_mb"),
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -177,6 +192,8 @@ def render_markdown(r: dict, eval_table: str) -> str:
         f"| base student (bare question) | {_pct(r['base_pass1'])} | {lo['base']} |",
         f"| SSB student (KD on hinted teacher) | {_pct(r['ssb_pass1'])} | {lo['ssb']} |",
         f"| SFT control (CE on the same solutions) | {_pct(r['sft_pass1'])} | {lo['sft']} |",
+        f"| RFT baseline (CE on {r['rft_examples']} own correct rollouts, SFT's token count) | "
+        f"{_pct(r['rft_pass1'])} | {lo['rft']} |",
         f"| hinted teacher (ceiling, curated problems, n={r['hinted_attempts']}) | {_pct(r['hinted_pass1'])} | |",
         *(
             f"| SSB student after round {x['round']} ({x['pairs']} pairs from {x['tried']} mixed problems tried) | "
@@ -186,6 +203,10 @@ def render_markdown(r: dict, eval_table: str) -> str:
         "",
         f"SSB vs base, paired over problems: {_paired(cmp, r['benchmark'])}",
         f"SSB vs SFT, paired over problems: {_paired(r['ssb_vs_sft'], r['benchmark'])}",
+        f"SSB vs RFT, paired over problems: {_paired(r['ssb_vs_rft'], r['benchmark'])}",
+        "",
+        f"Teacher {(r['premise'] or {}).get('line', 'premise: not measured')}.",
+        f"Trained tokens: {', '.join(f'{k} {v:,}' for k, v in r['trained_tokens'].items())}.",
         "",
         f"Pairs curated: {r['pairs']} ({r['curation'].get('stop_reason')}). Teacher store: "
         f"{r['store_bytes_per_row']:.0f} bytes/row vs {r['dense_bytes_per_row']} dense float32 at this vocabulary "
