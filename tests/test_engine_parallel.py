@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ssb.config import ConfigError, load_config
-from ssb.engines.dp import DataParallel, merge
+from ssb.engines.replicas import DataParallel, merge
 
 pytest.importorskip("vllm")
 

