@@ -18,13 +18,25 @@ Shape: ``topk_ids`` / ``topk_logprobs`` (B, L, k), ``kd_mask`` (B, L) bool; the 
 """
 
 if __name__ == "ssb_kernels":
-    from .hidden_kd import hidden_kd_loss
-    from .options import KDOptions, TopkOptions
-    from .sparse_kd import sparse_kd_loss
-    from .sparse_kd_ce import sparse_kd_ce_loss
-    from .topk import topk_logprobs
+    import importlib
 
-    __all__ = ["KDOptions", "TopkOptions", "hidden_kd_loss", "sparse_kd_ce_loss", "sparse_kd_loss", "topk_logprobs"]
+    # name -> submodule; loaded on first use, so `import ssb_kernels` (or its torch-free `choices`, which the
+    # pipeline's config checks against) costs no torch import
+    _EXPORTS = {
+        "KDOptions": "options",
+        "TopkOptions": "options",
+        "hidden_kd_loss": "hidden_kd",
+        "sparse_kd_ce_loss": "sparse_kd_ce",
+        "sparse_kd_loss": "sparse_kd",
+        "topk_logprobs": "topk",
+    }
+    __all__ = sorted(_EXPORTS)
+
+    def __getattr__(name: str):
+        if name in _EXPORTS:
+            return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        raise AttributeError(f"module 'ssb_kernels' has no attribute {name!r}")
+
 else:
     # From the repository root, `import kernels` (transformers and bitsandbytes probe for Hugging Face's
     # `kernels` package) finds this source folder. Stay an empty, versionless module then: the probers

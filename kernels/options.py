@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-IMPLS = ("auto", "eager", "chunked", "triton")
-VARIANTS = ("tail", "renorm")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "none")
+from .choices import IMPLS, REDUCTIONS, loss_choice_problems
 
 
 @dataclass(frozen=True)
@@ -32,21 +29,14 @@ class KDOptions:
         t = self.temperature
         if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature must be a finite float > 0, got {t!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for option, problem in loss_choice_problems(self.variant, self.divergence, self.beta):
+            raise ValueError(f"{option} {problem}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.row_block is not None and self.row_block < 1:
             raise ValueError(f"row_block must be None or >= 1, got {self.row_block}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.variant == "renorm" and self.divergence != "forward_kl":
-            raise ValueError(f"variant 'renorm' is defined for forward_kl only, not {self.divergence!r}: use 'tail'")
-        b = self.beta
-        if not isinstance(b, (int, float)) or not 0.0 < b < 1.0:
-            raise ValueError(f"beta must be a float strictly between 0 and 1, got {b!r}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ The imports are read with ``ast`` (nothing is executed), including those inside 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,16 +196,33 @@ def test_module_is_small(name):
 
 def test_config_choices_match_their_owners():
     """Choices validated at load (ssb.config.CHOICES) are the values their owners accept."""
+    from ssb_kernels.choices import DIVERGENCES, IMPLS, VARIANTS
+
     from ssb.config import CHOICES
     from ssb.core.grading import GRADING_MODES
     from ssb.core.models import DTYPE_NAMES, resolve_dtype
     from ssb.eval.protocols import PROTOCOLS
 
     assert CHOICES["eval.protocol"] == tuple(PROTOCOLS)
+    assert CHOICES["train.loss_impl"] is CHOICES["capture.kernel_impl"] is IMPLS
+    assert (CHOICES["train.variant"], CHOICES["train.divergence"]) == (VARIANTS, DIVERGENCES)
     assert CHOICES["grading.mode"] == GRADING_MODES
     assert CHOICES["model.dtype"] == DTYPE_NAMES
     for name in DTYPE_NAMES:
         resolve_dtype(name, "cpu")
+
+
+def test_config_and_the_kernels_namespace_load_without_torch():
+    """Loading a config checks the kernels' choices (ssb_kernels.choices) without importing torch, and the
+    public kernel names load on first use."""
+    code = (
+        "import sys, ssb.config, ssb_kernels; ssb.config.load_config(None, ['train.loss_impl=chunked']); "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "from ssb_kernels import sparse_kd_loss, hidden_kd_loss, topk_logprobs, KDOptions; "
+        "assert sorted(ssb_kernels.__all__) == ssb_kernels.__all__ and 'torch' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_every_package_is_installed():

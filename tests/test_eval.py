@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ssb.config import EngineConfig, EvalConfig, ModelConfig, load_config
+from ssb.config import ConfigError, EngineConfig, EvalConfig, ModelConfig, load_config
 from ssb.core.files import atomic_write_jsonl
 from ssb.engines import Completion, derive_seed
 from ssb.eval import PROTOCOLS, compare, compare_files, evaluate, load_results, resolve_protocol, run
@@ -68,8 +68,8 @@ def test_protocol_presets_and_overrides():
     assert [m["role"] for m in r1.messages("Q")] == ["user"] and "\\boxed{}" in r1.messages("Q")[0]["content"]
     paper = resolve_protocol(EvalConfig())
     assert paper.name == "ssb-paper" and paper.messages("Q")[0]["content"].startswith("**Role:**")
-    with pytest.raises(ValueError, match="unknown protocol"):
-        resolve_protocol(EvalConfig(protocol="nope"))
+X
+        load_config(None, ["eval.protocol=nope"])
     with pytest.raises(ValueError, match="greedy"):
         resolve_protocol(EvalConfig(protocol="qwen-math", n=4))
 

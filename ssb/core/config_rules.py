@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ssb_kernels.choices import DIVERGENCES, IMPLS, VARIANTS, loss_choice_problems
+
 from ssb.core.data import HUB, LOCAL_SUFFIXES
 from ssb.core.files import InputError
 from ssb.core.grading import GRADING_MODES
 from ssb.core.models import DTYPE_NAMES, check_model_source
 from ssb.core.prompts import TEMPLATES
+from ssb.core.protocols import PROTOCOLS
 
 if TYPE_CHECKING:
     from ssb.config import SSBConfig
@@ -32,8 +35,6 @@ class ConfigError(ValueError):
         self.keys = keys
 
 
-KERNEL_IMPLS = ("auto", "triton", "chunked", "eager")
-PROTOCOL_NAMES = ("ssb-paper", "qwen-math", "r1")  # the presets of ssb.eval.protocols (a test keeps them equal)
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPE_NAMES,
     "grading.mode": GRADING_MODES,
@@ -41,17 +42,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "capture.backend": ("hf", "vllm"),
     "capture.value_dtype": ("float32", "float16"),
     "capture.store_format": ("exact", "compact", "hidden"),
-    "capture.kernel_impl": KERNEL_IMPLS,
+    "capture.kernel_impl": IMPLS,
     "train.schedule": ("cosine", "linear", "constant"),
     "distill.source": ("robust", "on_policy", "both"),
     "curate.template": tuple(TEMPLATES),
-    "train.variant": ("tail", "renorm"),
-    "train.divergence": ("forward_kl", "reverse_kl", "jsd"),
-    "train.loss_impl": KERNEL_IMPLS,
+    "train.variant": VARIANTS,
+    "train.divergence": DIVERGENCES,
+    "train.loss_impl": IMPLS,
     "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "train.parallel": ("ddp", "fsdp"),
-    "eval.protocol": PROTOCOL_NAMES,
+    "eval.protocol": tuple(PROTOCOLS),
 }
 
 
@@ -190,17 +191,13 @@ def _check_rules(cfg: SSBConfig) -> None:
         ("rollout.k", cfg.distill.source != "robust" and cfg.rollout.k < 3,
          f"expected >= 3 under distill.source={cfg.distill.source} (an on-policy sample is scored with a hint from "
          "another correct and another wrong one)", ("distill.source",)),
-        ("train.variant", train.variant == "renorm" and train.divergence != "forward_kl",
-         f"renorm is defined for forward_kl only, not train.divergence={train.divergence}; use tail",
-         ("train.divergence",)),
-        ("train.jsd_beta", not 0.0 < train.jsd_beta < 1.0, "expected a value strictly between 0 and 1", ()),
+        ("capture.store_format", cfg.capture.store_format == "hidden" and cfg.capture.backend != "hf",
+         "hidden (the teacher's final hidden states) needs capture.backend=hf: vLLM returns log-probs, not hidden "
+         "states", ("capture.backend",)),
         ("train.kd_weight", train.kd_weight == 0 and train.ce_weight == 0,
          "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on", ("train.ce_weight",)),
         ("train.qlora", train.qlora and train.parallel == "fsdp",
          "QLoRA cannot train with train.parallel=fsdp: FSDP2 cannot shard bitsandbytes' 4-bit Params4bit (its "
-        ("capture.store_format", cfg.capture.store_format == "hidden" and cfg.capture.backend != "hf",
-         "hidden (the teacher's final hidden states) needs capture.backend=hf: vLLM returns log-probs, not hidden "
-         "states", ("capture.backend",)),
          "quantisation state lives outside the tensor); use train.parallel=ddp or train.qlora=false",
          ("train.parallel",)),
         ("train.target_modules", not train.target_modules, "expected at least one module name for the LoRA", ()),
@@ -210,6 +207,9 @@ def _check_rules(cfg: SSBConfig) -> None:
     ]:  # fmt: skip
         if bad:
             raise ConfigError(f"{key}: {rule}, got {get(cfg, key)!r}", key, *others)
+    keys = {"variant": "train.variant", "divergence": "train.divergence", "beta": "train.jsd_beta"}
+    for option, problem in loss_choice_problems(train.variant, train.divergence, train.jsd_beta):  # ssb_kernels' own
+        raise ConfigError(f"{keys[option]}: {problem}", *sorted(keys.values(), key=lambda k: k != keys[option]))
 
 
 def _check_paths(cfg: SSBConfig) -> None:
