@@ -68,7 +68,7 @@ def test_protocol_presets_and_overrides():
     assert [m["role"] for m in r1.messages("Q")] == ["user"] and "\\boxed{}" in r1.messages("Q")[0]["content"]
     paper = resolve_protocol(EvalConfig())
     assert paper.name == "ssb-paper" and paper.messages("Q")[0]["content"].startswith("**Role:**")
-X
+    with pytest.raises(ConfigError, match=r"eval.protocol: expected one of ssb-paper\|qwen-math\|r1,"):  # at load
         load_config(None, ["eval.protocol=nope"])
     with pytest.raises(ValueError, match="greedy"):
         resolve_protocol(EvalConfig(protocol="qwen-math", n=4))
