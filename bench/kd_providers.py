@@ -24,8 +24,9 @@ from shapes import INTERPRETER_SHAPES, KDShape
 
 PEERS_DIR = Path(os.environ.get("SSB_PEERS_DIR") or Path(__file__).resolve().parents[1] / ".peers")
 OURS = ("eager", "chunked", "triton")
+HIDDEN = ("hidden-eager", "hidden-chunked", "hidden-triton")  # hidden_kd_loss: the exact teacher from its hidden states
 PEERS = ("axolotl", "liger-jsd", "trl", "cce", "torch-lce")
-PROVIDERS = (*OURS, *PEERS, "floor")
+PROVIDERS = (*OURS, *HIDDEN, *PEERS, "floor")
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, SXM datasheets
 FLOOR_CHUNKS = (1024, 2048, 4096, 8192)
 
@@ -33,6 +34,11 @@ SEMANTICS = {
     "eager": "ours, reference: full (N, V) logits in memory",
     "chunked": "ours: forward KL on K + one tail outcome, exact c_T, streamed over vocabulary chunks, no dW",
     "triton": "ours on CUDA: the chunked math in Triton",
+    "hidden-eager": "ours, hidden_kd_loss reference: exact full-vocabulary forward KL against the teacher's hidden "
+    "states (same head), both (N, V) logits in memory",
+    "hidden-chunked": "ours, hidden_kd_loss: exact full-vocabulary forward KL against the teacher's hidden states "
+    "through the shared head, streamed (8NHV: one stacked logit GEMM and one stacked accumulator GEMM per chunk)",
+    "hidden-triton": "ours on CUDA: hidden-chunked with the Triton row kernel",
     "axolotl": "Axolotl 0.19 top-k KD (LigerFusedLinearKLTopKLogprobLoss, compiled=False, chunks of 1024 rows, "
     "beta=0 forward KL): no tail term, teacher renormalised over K at T, student over the full vocabulary; "
     "the gradient is formed in forward and dW (V x H) is always accumulated",
@@ -58,6 +64,8 @@ def use_peers_dir() -> None:
 def est_bytes(provider: str, n: int, h: int, v: int) -> float:
     """Rough peak extra bytes of one fwd+bwd, from the (rows, V) fp32 buffers each provider keeps alive
     (calibrated on N=2048, V=151,936, T=2: eager 6.2 GiB, Axolotl/Liger 3.0 GB); used to skip runs that cannot fit."""
+    if provider == "hidden-eager":  # ~10 fp32 (N, V) tensors alive: two logits, log-softmaxes, probs, grads
+        return 10.0 * n * v * 4
     rows = {"eager": n, "cce": n, "torch-lce": n, "axolotl": min(n, 2047), "liger-jsd": min(n, 2047),
             "trl": min(n, 256)}.get(provider, 0)  # fmt: skip
     return (5.0 if provider == "eager" else 3.0) * rows * v * 4 + (
@@ -69,7 +77,7 @@ def skip_reason(shape: KDShape, provider: str, dev: torch.device) -> str | None:
     """Why ``provider`` is not run on ``shape`` here (None: run it)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     cuda = dev.type == "cuda"
-    if provider == "triton":
+    if provider in ("triton", "hidden-triton"):
         if not cuda and not interpret:
             return "triton needs CUDA (or TRITON_INTERPRET=1 on CPU for the tiny interpreter shape)"
         if not cuda and shape not in INTERPRETER_SHAPES:
@@ -122,7 +130,13 @@ def make_fn(x: dict, provider: str, chunk: int | None = None) -> Callable[[], No
                 torch.cuda.synchronize()
 
         return floor
-    if provider in OURS and chunk is not None:
+    if provider in HIDDEN:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        h_t = torch.randn(hid.shape, generator=g).to(dev, hid.dtype)  # the teacher's hidden states (as liger-jsd's)
+
+        def call():
+            return ssb_kernels.hidden_kd_loss(hid, w, h_t, temperature=T, mask=x["mask"], impl=provider[7:])
+    elif provider in OURS and chunk is not None:
         from ssb_kernels.options import KDOptions
         from ssb_kernels.streamed_kd import sparse_kd_chunked
 

@@ -32,7 +32,7 @@ from kd_providers import FLOOR_CHUNKS, PEERS, SEMANTICS, est_bytes  # noqa: E402
 from measure import record, results_dir, run_child  # noqa: E402
 from shapes import QWEN_V, SCALE_H, SCALE_N, SCALE_V, peer_shape  # noqa: E402
 
-SIDE_BY_SIDE = ("chunked", "eager", *PEERS, "floor")
+SIDE_BY_SIDE = ("chunked", "eager", "hidden-chunked", "hidden-eager", *PEERS, "floor")
 HEADLINE = dict(n=2048, h=256, v=QWEN_V)
 SUITE = "peers"
 THREADS = int(os.environ.get("SSB_BENCH_THREADS", "2"))  # torch threads of every child (the runs: 2)
@@ -112,7 +112,8 @@ def plan(scaling: str, providers: tuple[str, ...], head: bool = True) -> list[tu
         grid = [(p, n, h, v) for h in SCALE_H for v in SCALE_V for n in SCALE_N for p in providers]
     elif scaling == "quick":
         for p in providers:
-            ns = SCALE_N if p in ("chunked", "floor") else (512, 1024) if p in ("eager", "axolotl", "torch-lce") else ()
+            streamed = ("chunked", "floor", "hidden-chunked")
+            ns = SCALE_N if p in streamed else (512, 1024) if p in ("eager", "axolotl", "torch-lce") else ()
             grid += [(p, n, 256, QWEN_V) for n in ns]
             if p in ("chunked", "floor", "eager"):
                 grid += [(p, 2048, 256, v) for v in SCALE_V if v != QWEN_V]

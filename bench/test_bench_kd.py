@@ -2,7 +2,8 @@
 
 Run: ``pytest bench/test_bench_kd.py [--quick]`` (GPU: ``bash bench/gpu.sh``). Providers (bench/kd_providers.py)
 share one setup factory (bench/shapes.py): ``eager`` (full logits), ``chunked`` (streaming PyTorch), ``triton``
-(CUDA, or CPU under TRITON_INTERPRET=1 on the tiny shape only) and ``floor``, the bare GEMMs of chunked's 4NHV
+(CUDA, or CPU under TRITON_INTERPRET=1 on the tiny shape only), ``hidden-*`` (``hidden_kd_loss``: the exact
+teacher from its hidden states, the same three impls) and ``floor``, the bare GEMMs of chunked's 4NHV
 FLOPs (vocabulary chunks of 4096). The peers run side by side in their own processes: ``make bench-peers``
 (bench/peers.py). Figures: tokens/s, TFLOP/s at 4NHV, fraction of peak (CUDA), peak extra memory (CUDA
 allocator; on CPU the peak RSS growth of a fresh process, ``bench/peers.py --one``), first-call time apart;
@@ -52,7 +53,7 @@ def test_bench_sparse_kd(benchmark, bench_record, quick, shape: KDShape, provide
     if DEVICE.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = _peak_extra_mib(shape, provider) if provider in ("eager", "chunked") else None
+        peak = _peak_extra_mib(shape, provider) if provider in ("eager", "chunked", "hidden-chunked") else None
     info = figures(shape, provider, benchmark.stats.stats.min, first_s, peak)
     figs = {
         k: info.get(k) for k in ("tokens_per_s", "tflops_4nhv", "fraction_of_peak", "peak_extra_mib", "first_call_s")

@@ -75,3 +75,34 @@ def test_topk_rows_kernel_compiles(capability, kp, tp):
            "id_ptr": "*i64", "cnt_ptr": "*i32", "r0": "i32", "v0": "i32", "C": "i32", "K": "i32"}  # fmt: skip
     consts = {"KP": kp, "TP": tp, "TILE_C": CUDA_TILES[0]}
     assert_compiled(compile_for(_topk_rows_kernel, sig, consts, capability, row_warps(CUDA_TILES[0])["num_warps"]))
+
+
+@pytest.mark.parametrize("capability", TARGETS)
+@pytest.mark.parametrize("e_dtype", DTYPES)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_hidden_kd_forward_kernel_compiles(capability, e_dtype, mode):
+    from ssb_kernels.streamed import CUDA_TILES
+    from ssb_kernels.triton_hidden import _hidden_kd_fwd_kernel
+    from ssb_kernels.triton_rows import row_warps
+
+    sig = {"s_ptr": "*fp32", "e_ptr": f"*{e_dtype}", **dict.fromkeys(
+        ["xa_ptr", "mo_ptr", "mt_ptr", "lz_ptr", "lt_ptr", "ya_ptr", "c0_ptr", "u_ptr"], "*fp32"),
+        "a_ptr": "*i64", "acc_ptr": "*fp32", "w_ptr": f"*{e_dtype}", "r0": "i32", "v0": "i32", "C": "i32",
+        "H": "i32", "stride_w": "i32", "inv_t": "fp32", "sh0": "fp32", "sh1": "fp32"}  # fmt: skip
+    consts = {"MODE": mode, "TILE_C": CUDA_TILES[0], "TILE_H": CUDA_TILES[1]}
+    assert_compiled(compile_for(_hidden_kd_fwd_kernel, sig, consts, capability, row_warps(CUDA_TILES[0])["num_warps"]))
+
+
+@pytest.mark.parametrize("capability", TARGETS)
+@pytest.mark.parametrize("e_dtype", DTYPES)
+def test_hidden_jsd_kernel_compiles(capability, e_dtype):
+    from ssb_kernels.streamed import CUDA_TILES
+    from ssb_kernels.triton_hidden import _hidden_jsd_fwd_kernel
+    from ssb_kernels.triton_rows import row_warps
+
+    sig = {"s_ptr": "*fp32", "e_ptr": f"*{e_dtype}", **dict.fromkeys(
+        ["lsez_ptr", "lset_ptr", "mo_ptr"], "*fp32"), "a_ptr": "*i64", **dict.fromkeys(
+        ["u_ptr", "p0_ptr", "r1_ptr"], "*fp32"), "r0": "i32", "v0": "i32", "C": "i32",
+        **dict.fromkeys(["inv_t", "log_b", "log_1mb", "beta", "sh0", "sh1"], "fp32")}  # fmt: skip
+    consts = {"TILE_C": CUDA_TILES[0]}
+    assert_compiled(compile_for(_hidden_jsd_fwd_kernel, sig, consts, capability, row_warps(CUDA_TILES[0])["num_warps"]))

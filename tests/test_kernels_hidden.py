@@ -13,11 +13,16 @@ divergence and reduction, masks (the all-masked batch included), V spanning seve
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from kernel_cases import run_under_interpreter
 from ssb_kernels import KDOptions, hidden_kd_loss
 from ssb_kernels.hidden_kd import hidden_kd_eager
 from ssb_kernels.hidden_stream import hidden_kd_streamed
@@ -169,3 +174,114 @@ def test_auto_impl_and_validation():
         hidden_kd_loss(hid, w, tea, divergence="jsd", beta=1.0)
     with pytest.raises(ValueError, match="NaN"):
         hidden_kd_loss(hid, w, tea.clone().fill_(float("nan")), impl="chunked")
+
+
+@cpu_only
+@pytest.mark.parametrize("divergence", DIVS)
+def test_gemma_sized_vocab_chunked(divergence):
+    inputs = make_pair(3, 8, 262_144, 30.0, 30.0, True, 7)
+    check(chunked, inputs, KDOptions(1.0, reduction="sum", divergence=divergence, chunk_size=32_768), torch.float32)
+
+
+def with_late_jump(inputs, rise: float):
+    """A constant hidden unit whose head column adds ``rise`` to the last 200 columns' logits (student and teacher):
+    the maxima and the argmax jump in a late chunk, so every earlier sum and accumulator row must be rescaled (by
+    e^-rise: without it the early chunks would outweigh the rest by e^rise)."""
+    hid, w, tea = inputs
+    one = torch.ones(hid.shape[0], 1)
+    w = torch.cat([w, torch.zeros(w.shape[0], 1)], 1)
+    w[-200:, -1] = rise
+    return torch.cat([hid, one], 1), w, torch.cat([tea, one], 1)
+
+
+@cpu_only
+@pytest.mark.parametrize("divergence", DIVS)
+def test_late_jump_of_the_max_is_rescaled_chunked(divergence):
+    inputs = with_late_jump(make_pair(40, 24, 1003, 10.0, 10.0, True, 2), 25.0)
+    check(chunked, inputs, KDOptions(1.0, reduction="none", divergence=divergence, **SMALL), torch.float32)
+
+
+# ---- Triton under the interpreter (a subprocess on CPU) and on CUDA
+@pytest.mark.skipif(INTERPRET or CUDA, reason="already in the interpreter or on CUDA")
+def test_interpreter_suite():
+    """Run this file's Triton tests under TRITON_INTERPRET=1 in a fresh process (CPU CI)."""
+    run_under_interpreter(__file__, timeout=1500)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("lead,same,temperature", [(60.0, True, 1.0), (20.0, False, 2.0), (0.0, True, 2.0)])
+def test_triton_every_dtype_matches_float64(lead, same, temperature, divergence, dtype):
+    inputs = make_pair(40, 24, 1003, lead, lead, same, 1)
+    check(triton, inputs, KDOptions(temperature, reduction="none", divergence=divergence, **SMALL), dtype)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVS)
+def test_triton_late_jump_masks_and_mean(divergence, dtype):
+    inputs = with_late_jump(make_pair(40, 24, 1003, 10.0, 5.0, True, 2), 25.0)
+    mask = torch.arange(40) % 5 != 2
+    check(triton, inputs, KDOptions(2.0, reduction="mean", divergence=divergence, **SMALL), dtype, mask=mask)
+
+
+@interpreter_only
+def test_triton_all_masked_is_zero():
+    hid, w, tea = make_pair(6, 8, 300, 20.0, 20.0, True, 0)
+    x = hid.requires_grad_(True)
+    loss = hidden_kd_loss(x, w, tea, mask=torch.zeros(6, dtype=torch.bool), impl="triton")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.all(x.grad == 0)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("lead,same", [(20.0, True), (60.0, False)])
+def test_triton_cuda_qwen_shapes(lead, same, divergence, dtype):
+    # H = 2032 + 2 x 8 one-hot units = 2048; 8 groups of rows share their top tokens
+    check(triton, qwen_pair(lead, same), KDOptions(2.0, reduction="none", divergence=divergence), dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def qwen_pair(lead, same):
+    return make_pair(2048, 2032, 151_936, lead, lead, same, 0, groups=8)
+
+
+# ---- memory: the chunked path never holds an (N, V) tensor
+N_MEM, H_MEM, V_MEM = 2048, 256, 151_936
+MEM_SCRIPT = f"""
+import ctypes, gc, json, torch, ssb_kernels
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) / 1024
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+h = torch.randn({N_MEM}, {H_MEM}, generator=g).requires_grad_(True)
+t = h.detach() + 0.3 * torch.randn({N_MEM}, {H_MEM}, generator=g)
+w = torch.randn({V_MEM}, {H_MEM}, generator=g) * 0.1
+ssb_kernels.hidden_kd_loss(h[:8], w, t[:8], temperature=2.0, impl="chunked", divergence=DIV).backward()
+h.grad = None
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
+before = status("VmRSS:")
+ssb_kernels.hidden_kd_loss(h, w, t, temperature=2.0, impl="chunked", divergence=DIV).backward()
+print(json.dumps({{"mb": status("VmHWM:") - before, "grad_finite": bool(torch.isfinite(h.grad).all())}}))
+"""
+
+
+@pytest.mark.slow
+@cpu_only
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_chunked_peak_memory_is_far_below_one_n_by_v_tensor(divergence):
+    out = subprocess.run([sys.executable, "-c", MEM_SCRIPT.replace("DIV", repr(divergence))], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    logits_mb = N_MEM * V_MEM * 4 / 2**20  # one fp32 (N, V) tensor: 1187 MB
+    acc_mb = N_MEM * 2 * H_MEM * 4 / 2**20  # the (N, 2, H) fp32 accumulator kept for backward: 4 MB
+    print(f"peak extra RSS: hidden KD chunked {got['mb']:.0f} MB; one (N, V) fp32 {logits_mb:.0f} MB")
+    assert got["grad_finite"]
+    assert got["mb"] < 0.1 * logits_mb and got["mb"] < 64 + 4 * acc_mb
