@@ -1,8 +1,9 @@
 """``ssb <stage> --config FILE key=value ...``: one entry point for every pipeline stage, ``ssb run`` and ``ssb demo``.
 
-The stages come from the one registry, :data:`ssb.run.plan.STAGES`. This module is the only place that sees
-``argparse``: it turns a command line into a config plus the stage's typed keyword options, and never hands a
-``Namespace`` on.
+The commands, their flags, modes and checks come from one table, :data:`ssb.run.commands.COMMANDS` (the stages
+of :data:`ssb.run.plan.STAGES`, then ``run`` and ``demo``). This module is the only place that sees ``argparse``:
+it turns a command line into a config plus the command's typed keyword options, and never hands a ``Namespace``
+on.
 """
 
 from __future__ import annotations
@@ -10,15 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssb.config import CONFIGS_DIR, ConfigError, SSBConfig, load_config
-from ssb.run.plan import STAGES
-
-COMMANDS = {
-    **{s.name: s.help for s in STAGES},
-    "run": "run every stage in order into one run directory (resumable)",
-    "demo": "the end-to-end demo on the embedded toy model, with a report",
-}
-
+from ssb.config import CONFIGS_DIR, ConfigError, load_config
+from ssb.run.commands import COMMANDS, Command
 
 EXIT_USER_ERROR = 2  # the project's own errors (config, input, store, model not found): one line, no traceback
 
@@ -63,32 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("name", help="a known model (ssb models list)")
     get.add_argument("--out", required=True, help="the model directory to create (reused when complete)")
     configs = shipped_configs()
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.help, parents=[debug])
         p.add_argument("--config", "-c", default=None, help=f"a YAML file, or a shipped config: {', '.join(configs)}")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
-        if name == "capture":
-            p.add_argument("--inspect", metavar="DIR", default=None, help="print a summary of a teacher store")
-        if name == "eval":
-            p.add_argument("--adapter", default=None, help="LoRA adapter directory to evaluate")
-            p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None)
-            p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval)")
-        if name in ("run", "demo"):
-            p.add_argument("--from", dest="from_stage", default=None, help="force a restart from this stage")
-        if name == "demo":
-            p.add_argument("--out", default=None, help="run directory for the demo")
-            p.add_argument(
-                "--compare-sources",
-                action="store_true",
-                help="SSB vs on-policy (forward/reverse KL) vs SSB-then-on-policy at equal tokens, per seed",
-            )
-            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--compare-sources seeds")
-        if name == "curate":
-            what = "every hinted template's premise report on held-out training problems; names the best"
-            p.add_argument("--compare-templates", action="store_true", help=what)
-        if name == "train":
-            p.add_argument("--dry-run", action="store_true", help="memory report only: largest sequence that fits")
-            p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        for flag in _flags(command):
+            p.add_argument(*flag.names, dest=flag.dest, **flag.spec)
     return parser
 
 
@@ -125,78 +99,34 @@ def models_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flags(command: Command) -> list:
+    """Every flag of ``command``: its own, its modes' and theirs."""
+    return [*command.flags, *(f for m in command.modes for f in (m.flag, *m.extra))]
+
+
 def dispatch(args: argparse.Namespace) -> int:
-    """Run the command ``args`` names, with its options as typed keyword arguments."""
+    """Run the command ``args`` names (:data:`ssb.run.commands.COMMANDS`), with its options as typed keywords."""
     if args.stage == "models":
         return models_command(args)
-    if args.stage == "capture" and args.inspect:
-        from ssb.store import print_inspect
-
-        print_inspect(args.inspect)
-        return 0
-    if args.stage == "eval" and args.compare:
-        from ssb.eval import compare_files
-
-        return compare_files(*args.compare, out=args.out)
-    if args.stage == "demo" and args.config is None:
-        from ssb.run.demo import DEFAULT_CONFIG
-
-        args.config = DEFAULT_CONFIG
-    dry_run = args.stage == "train" and args.dry_run  # a memory report of train.dry_run_config: the defaults do
-    if args.config is None and not dry_run:
+    command = COMMANDS[args.stage]
+    options = {f.dest: getattr(args, f.dest) for f in _flags(command)}
+    mode = next((m for m in command.modes if options[m.flag.dest]), None)
+    if mode is not None and mode.config == "none":
+        return mode.run(options, None)
+    config = args.config if args.config is not None else command.default_config
+    if config is None and (mode is None or mode.config == "required"):
         load_config(None, args.overrides)  # an override's own error comes first
         raise ConfigError(NO_CONFIG)
-    cfg = load_config(args.config, args.overrides)
-    preflight(args, cfg, model=not dry_run)
-    if args.stage == "run":
-        from ssb.run.runner import run
-
-        return run(cfg, from_stage=args.from_stage)
-    if args.stage == "demo" and args.compare_sources:
-        from ssb.run.compare import compare_sources
-
-        return compare_sources(cfg, args.out or "runs/compare", args.seeds)
-    if args.stage == "curate" and args.compare_templates:
-        from ssb.curate import templates
-
-        return templates.run(cfg)
-    if args.stage == "demo":
-        from ssb.run.demo import demo
-
-        return demo(cfg, out=args.out, from_stage=args.from_stage)
-    options = {
-        "eval": lambda: {"adapter": args.adapter, "out": args.out},
-        "train": lambda: {"resume": args.resume, "dry_run": args.dry_run},
-    }.get(args.stage, dict)()
-    stage = next(s for s in STAGES if s.name == args.stage)
-    from ssb.run.runner import run_stage
-
-    return run_stage(stage, cfg, **options)
-
-
-def preflight(args: argparse.Namespace, cfg: SSBConfig, *, model: bool = True) -> None:
-    """What can be checked before any stage starts: ``--from`` against the plan, and that the model can be
-    loaded (a local directory, or a hub id the hub or its offline cache serves) without the hub's retries."""
-    if getattr(args, "from_stage", None) is not None:
-        from ssb.run.demo import demo_plan
-        from ssb.run.plan import expand
-
-        names = [s.name for s in expand(demo_plan() if args.stage == "demo" else STAGES, cfg.rounds)]
-        if args.from_stage not in names:
-            raise ConfigError(f"--from {args.from_stage!r}: expected one of {'|'.join(names)}")
-    if args.stage in ("eval", "run", "demo"):  # the protocol with eval.* applied, not hours later at the eval stage
-        from ssb.eval import resolve_protocol
-
-        resolve_protocol(cfg.eval, cfg.grading.mode)
-    if args.stage in ("run", "demo") and cfg.engine.data_parallel_size > 1:  # see ssb.engines.dp
-        raise ConfigError(
-            f"engine.data_parallel_size={cfg.engine.data_parallel_size}: ssb {args.stage} runs every "
-            "stage in one process; run rollout, curate and eval each as its own torchrun command"
-        )
-    if model:
+    cfg = load_config(config, args.overrides)
+    for check in command.checks:
+        check(cfg, options)
+    if mode is None or mode.model:
         from ssb.core.models import check_model_source
 
         check_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
+    if mode is not None:
+        return mode.run(options, cfg)
+    return command.run(cfg, **{f.dest: options[f.dest] for f in command.flags})
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

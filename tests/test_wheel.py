@@ -67,8 +67,8 @@ def test_installed_wheel_runs_from_any_directory(installed, tmp_path):
     cwd.mkdir()
     probe = "import ssb, ssb_kernels, ssb.config as c; print(ssb.__file__, ssb_kernels.__file__, c.CONFIGS_DIR)"
     where = _ssb(installed, cwd, "-c", probe).stdout.split()
-    probe = "import ssb; from ssb.run.demo import DEFAULT_CONFIG; print(ssb.load_config(None).train.dry_run_config)"
-    where += _ssb(installed, cwd, "-c", probe + "; print(DEFAULT_CONFIG)").stdout.split()
+    probe = "import ssb; from ssb.run.commands import DEMO_CONFIG; print(ssb.load_config(None).train.dry_run_config)"
+    where += _ssb(installed, cwd, "-c", probe + "; print(DEMO_CONFIG)").stdout.split()
     assert all(Path(p).exists() for p in where[2:]), where
     assert all(Path(p).is_relative_to(installed) for p in where), where  # not the checkout
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

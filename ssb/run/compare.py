@@ -24,10 +24,14 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from ssb.config import SSBConfig
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
+from ssb.run import outputs
+from ssb.run.plan import STAGES, Stage
+from ssb.run.runner import load_manifest, run_pipeline
 
 ARMS = {  # name: (train.divergence, rolled out by the SSB student)
     "op_fkl": ("forward_kl", False),
@@ -46,45 +50,107 @@ def seed_config(cfg: SSBConfig, seed: int, run_dir: Path) -> SSBConfig:
              curate=r(cfg.curate, seed=seed), train=r(cfg.train, seed=seed))  # fmt: skip
 
 
-def run_arm(cfg: SSBConfig, demo_dir: Path, name: str, target_tokens: int) -> dict:
-    """One on-policy arm in ``demo_dir/name`` (see module docstring); returns what it trained on and its times."""
-    from ssb import capture, onpolicy, rollout, train
-    from ssb.core.models import merged_model
-    from ssb.eval import evaluate
-    from ssb.store import TeacherStore
-
+def arm_config(cfg: SSBConfig, demo_dir: Path, name: str) -> SSBConfig:
+    """The seed's config for arm ``name``: its own directory, on-policy sources, the arm's divergence; ``ssb_op``
+    also trains over the demo's SSB pairs."""
     divergence, from_student = ARMS[name]
     r = dataclasses.replace
-    cfg = r(cfg, run_dir=str(demo_dir / name), distill=r(cfg.distill, source="on_policy"),
-            train=r(cfg.train, divergence=divergence, extra_runs=(str(demo_dir),) if from_student else ()))  # fmt: skip
-    layout, times = RunLayout(cfg.run_dir), {}
-    t = time.perf_counter()
-    if from_student:  # the SSB student's own rollouts
-        student = r(cfg.model, name_or_path=str(RunLayout(demo_dir).student))
-        rollout.run(r(cfg, model=student, rollout=r(cfg.rollout, seed=cfg.rollout.seed + 1)))
-    elif not layout.rollouts.exists():
-        shutil.copytree(RunLayout(demo_dir).rollout, layout.rollout)  # the base model's stage-1 rollouts
-    times["rollout"] = time.perf_counter() - t
-    onpolicy.run(cfg)
-    t = time.perf_counter()
-    capture.run(cfg)
-    times["capture"] = time.perf_counter() - t
+    return r(
+        cfg,
+        run_dir=str(demo_dir / name),
+        distill=r(cfg.distill, source="on_policy"),
+        train=r(cfg.train, divergence=divergence, extra_runs=(str(demo_dir),) if from_student else ()),
+    )
+
+
+def equal_token_steps(cfg: SSBConfig, target_tokens: int) -> int:
+    """Training steps that match ``target_tokens`` distilled tokens, from the arm's stores' rows per step."""
+    from ssb.store import TeacherStore
+
+    layout = RunLayout(cfg.run_dir)
     stores = [TeacherStore(layout.store)] + [TeacherStore(RunLayout(d).store) for d in cfg.train.extra_runs]
     rows = sum(s.manifest["counts"]["rows"] for s in stores)
     examples = sum(s.manifest["counts"]["examples"] for s in stores)
-    steps = max(1, round(target_tokens / (rows / math.ceil(examples / cfg.train.batch_size))))
-    t = time.perf_counter()
-    train.run(r(cfg, train=r(cfg.train, max_steps=steps)))
-    times["train"] = time.perf_counter() - t
-    merged = merged_model(cfg.model, layout.adapter(), layout.merged("train"))
-    t = time.perf_counter()
-    evaluate(r(cfg.model, name_or_path=str(merged)), cfg.engine, cfg.eval, layout.eval / name, label=name,
-             grading=cfg.grading.mode)  # fmt: skip
-    times["eval"] = time.perf_counter() - t
+    return max(1, round(target_tokens / (rows / math.ceil(examples / cfg.train.batch_size))))
+
+
+def arm_plan(demo_dir: Path, name: str, target_tokens: int) -> list[Stage]:
+    """Arm ``name`` as stages of the one runner (each arm resumes from its own ``run.json``): its rollouts (the
+    demo's, copied; or the SSB student's), the on-policy selection, capture, training to ``target_tokens``, and
+    the eval of its merged student. Every stage also hashes what it takes from the demo (its stage hashes and
+    the token target), so a redone demo redoes the arms."""
+    from ssb import rollout, train
+    from ssb.core.models import merged_model
+    from ssb.eval import evaluate
+
+    _, from_student = ARMS[name]
+    demo = RunLayout(demo_dir)
+
+    def upstream(cfg: SSBConfig) -> dict:
+        stages = load_manifest(demo_dir)["stages"]
+        return {"demo": {k: v.get("config_hash") for k, v in stages.items()}, "target_tokens": target_tokens}
+
+    def rollouts(cfg: SSBConfig, **options: Any) -> int:
+        r = dataclasses.replace
+        if from_student:  # the SSB student's own rollouts, the seed moved on by one
+            student = r(cfg.model, name_or_path=str(demo.student))
+            return rollout.run(r(cfg, model=student, rollout=r(cfg.rollout, seed=cfg.rollout.seed + 1)), **options)
+        out = RunLayout(cfg.run_dir).rollout
+        tmp = out.with_name(out.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(demo.rollout, tmp)  # the base model's stage-1 rollouts
+        shutil.rmtree(out, ignore_errors=True)  # an earlier copy of them
+        tmp.rename(out)
+        return 0
+
+    def training(cfg: SSBConfig) -> int:
+        steps = equal_token_steps(cfg, target_tokens)
+        return train.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps)))
+
+    def evaluation(cfg: SSBConfig) -> int:
+        layout = RunLayout(cfg.run_dir)
+        merged = merged_model(cfg.model, layout.adapter(), layout.merged("train"))
+        evaluate(
+            dataclasses.replace(cfg.model, name_or_path=str(merged)),
+            cfg.engine,
+            cfg.eval,
+            layout.eval / name,
+            label=name,
+            grading=cfg.grading.mode,
+        )
+        return 0
+
+    base = {s.name: s for s in STAGES}
+    return [
+        dataclasses.replace(base["rollout"], run=rollouts, upstream=upstream),
+        dataclasses.replace(base["curate"], upstream=upstream),
+        dataclasses.replace(base["capture"], upstream=upstream),
+        dataclasses.replace(base["train"], run=training, pipeline={}, upstream=upstream),
+        Stage("eval", ("eval",), evaluation, check=lambda cfg: outputs.results(cfg, [name]), upstream=upstream),
+    ]
+
+
+def run_arm(cfg: SSBConfig, demo_dir: Path, name: str, target_tokens: int) -> dict:
+    """Arm ``name`` of the seed in ``demo_dir`` through the runner; what it trained on and its stage times."""
+    from ssb.store import TeacherStore
+
+    acfg = arm_config(cfg, demo_dir, name)
+    manifest = run_pipeline(acfg, plan=arm_plan(demo_dir, name, target_tokens))
+    if manifest.get("stopped"):
+        raise RuntimeError(f"arm {name} stopped after {manifest['stopped']['after']}: {manifest['stopped']['reason']}")
+    layout = RunLayout(acfg.run_dir)
     stats = json.loads(layout.curate_stats.read_text())
-    return {"sequences": stats["sequences"], "sample_counts": stats["sample_counts"], "train_examples": examples,
-            "steps": steps, "trained_tokens": trained_tokens(layout.metrics()), "seconds": times,
-            "results": str(layout.results(name))}  # fmt: skip
+    examples = TeacherStore(layout.store).manifest["counts"]["examples"]
+    examples += sum(TeacherStore(RunLayout(d).store).manifest["counts"]["examples"] for d in acfg.train.extra_runs)
+    return {
+        "sequences": stats["sequences"],
+        "sample_counts": stats["sample_counts"],
+        "train_examples": examples,
+        "steps": equal_token_steps(acfg, target_tokens),
+        "trained_tokens": trained_tokens(layout.metrics()),
+        "seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()},
+        "results": str(layout.results(name)),
+    }
 
 
 def run_seed(cfg: SSBConfig, out: Path, seed: int) -> dict:

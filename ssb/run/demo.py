@@ -16,7 +16,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ssb.config import CONFIGS_DIR, SSBConfig
+from ssb.config import SSBConfig
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
 from ssb.core.models import merged_model
@@ -27,7 +27,6 @@ from ssb.run.rft import RFT, rft_config, train_rft
 from ssb.run.rounds import ensure_student
 from ssb.run.runner import EXIT_STOPPED, load_manifest, run_pipeline
 
-DEFAULT_CONFIG = CONFIGS_DIR / "toy.yaml"  # shipped with the package, found from any working directory
 SFT = "train_sft"  # train.output_subdir of the SFT control
 TRAINED = {"ssb": "train", "sft": SFT, "rft": RFT}  # label -> train.output_subdir
 QWEN_VOCAB = 151936  # dense float32 logits of Qwen2.5 cost 4 * 151936 bytes per distilled token

@@ -21,6 +21,29 @@ from ssb.run.rounds import ROUND_STAGES, round_config, round_source, round_stude
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A command-line flag of a command: its names, the keyword option it becomes (``dest``) and the rest of
+    argparse's keywords (``ssb.cli`` is the only module that builds a parser from these)."""
+
+    names: tuple[str, ...]
+    dest: str
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A flag that makes a command do something else: ``run(options, cfg)`` with every option of the command
+    and of ``extra``; ``config`` "required", "optional" (the defaults when none is given) or "none" (cfg is
+    None); ``model``: check first that the model can be loaded."""
+
+    flag: Flag
+    run: Callable[[dict[str, Any], SSBConfig | None], int]
+    config: str = "required"
+    model: bool = True
+    extra: tuple[Flag, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of a run: its name, the config sections it reads beyond its upstream, and how to run it."""
 
@@ -33,6 +56,10 @@ class Stage:
     stop_check: Callable[[SSBConfig], str | None] | None = None
     # before skipping a finished stage: what is wrong with its outputs on disk (ssb.run.outputs), or None
     check: Callable[[SSBConfig], str | None] | None = None
+    # what the stage takes from outside its run directory (another run's stages), hashed with its sections
+    upstream: Callable[[SSBConfig], Any] | None = None
+    flags: tuple[Flag, ...] = ()  # ``ssb <stage>``'s own options, passed to ``run`` as keywords
+    modes: tuple[Mode, ...] = ()  # ``ssb <stage> --<mode>``: something else than the stage
 
 
 def _rollout(cfg: SSBConfig, **options: Any) -> int:
@@ -116,19 +143,59 @@ def _eval(cfg: SSBConfig, *, adapter: str | None = None, out: str | Path | None 
     return evaluation.run(cfg, adapter=adapter, out=out)
 
 
+def _inspect(options: dict[str, Any], cfg: SSBConfig | None) -> int:
+    from ssb.store import print_inspect
+
+    print_inspect(options["inspect"])
+    return 0
+
+
+def _compare_files(options: dict[str, Any], cfg: SSBConfig | None) -> int:
+    from ssb.eval import compare_files
+
+    return compare_files(*options["compare"], out=options["out"])
+
+
+def _compare_templates(options: dict[str, Any], cfg: SSBConfig | None) -> int:
+    from ssb.curate import templates
+
+    return templates.run(cfg)
+
+
+def _dry_run(options: dict[str, Any], cfg: SSBConfig | None) -> int:
+    return _train(cfg, dry_run=True)  # a memory report of train.dry_run_config: the defaults do
+
+
+_OUT = Flag(("--out",), "out", {"default": None, "help": "output directory (default: RUN_DIR/eval)"})
 STAGES: list[Stage] = [
     Stage("rollout", ("model", "data", "grading", "engine", "rollout"), _rollout,
           "sample K graded rollouts per problem", {"resume": True}, check=outputs.rollout),
     Stage("curate", ("curate", "distill"), _curate,
           "pick correct/wrong pairs and write hinted robust solutions (distill.source=on_policy: select the "
           "student's own samples for the hinted teacher to score)", {"resume": True}, _after_curate,
-          outputs.curate),
+          outputs.curate,
+          modes=(Mode(Flag(("--compare-templates",), "compare_templates", {"action": "store_true", "help":
+                 "every hinted template's premise report on held-out training problems; names the best"}),
+                 _compare_templates),)),
     Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store",
-          check=outputs.capture),
+          check=outputs.capture,
+          modes=(Mode(Flag(("--inspect",), "inspect", {"metavar": "DIR", "default": None,
+                                                       "help": "print a summary of a teacher store"}),
+                      _inspect, config="none"),)),
     Stage("train", ("train",), _train, "distil the stored teacher into a LoRA/QLoRA student", {"resume": True},
-          check=outputs.train),
+          check=outputs.train,
+          flags=(Flag(("--resume",), "resume", {"action": "store_true",
+                                                "help": "continue from the latest checkpoint"}),),
+          modes=(Mode(Flag(("--dry-run",), "dry_run", {"action": "store_true",
+                                                       "help": "memory report only: largest sequence that fits"}),
+                      _dry_run, config="optional", model=False),)),
     Stage("eval", ("eval",), _eval, "evaluate a base model or adapter on MATH500 / AIME2024 / GSM8K / toy",
-          check=outputs.eval_),
+          check=outputs.eval_,
+          flags=(Flag(("--adapter",), "adapter", {"default": None, "help": "LoRA adapter directory to evaluate"}),
+                 _OUT),
+          modes=(Mode(Flag(("--compare",), "compare", {"nargs": 2, "metavar": ("RUN_A", "RUN_B"), "default": None,
+                                                       "help": "compare two results files or run directories"}),
+                      _compare_files, config="none"),)),
 ]  # fmt: skip
 STAGE_NAMES = [stage.name for stage in STAGES]
 

@@ -43,6 +43,8 @@ def stage_hashes(cfg: SSBConfig, plan: list[Stage]) -> dict[str, str]:
     seen: list[str] = [repr(cfg.seed)]
     for stage in plan:
         seen.extend(json.dumps(config_to_dict(getattr(cfg, s)), sort_keys=True) for s in stage.sections)
+        if stage.upstream is not None:
+            seen.append(json.dumps(stage.upstream(cfg), sort_keys=True))
         out[stage.name] = sha256_text("\n".join(seen))[:16]
     return out
 
