@@ -37,8 +37,9 @@ def sparse_kd_loss(
         hidden (N, H), weight (V, H), topk_ids (N, k) int32/int64 with -1 padding, topk_logprobs (N, k),
         lse_t (N,), mask (N,) bool -> () for mean/sum, (N,) for none; fp32 (fp64 if an input is fp64)
     """
-    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence,
-                     beta=beta)  # fmt: skip
+    opts = KDOptions(
+        temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence, beta=beta
+    )
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     impl = check_impl(impl, hidden.device, hidden.dtype, *head_shape(hidden, weight))

@@ -94,8 +94,18 @@ class _SparseKDCEStreamed(torch.autograd.Function):
         ce_dense = ce_red * a_ce * _ratio(log_u[-1], log_off_l)  # (N,) on pw_u[-1]
         ce_sparse = ce_red * torch.cat([a_ce[:, None] * _ratio(other_k, log_off_l[:, None]), b_ce], 1)
         ctx.opts, ctx.in_dtypes, ctx.scales, ctx.rows, ctx.cut = opts, (hidden.dtype, weight.dtype), scales, rows, cut
-        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, w, u_idx, u_valid, kd_dense, kd_sparse,
-                              ce_dense, ce_sparse, *log_u, *pw_u)  # fmt: skip
+        ctx.save_for_backward(
+            h if ctx.needs_input_grad[1] else None,
+            w,
+            u_idx,
+            u_valid,
+            kd_dense,
+            kd_sparse,
+            ce_dense,
+            ce_sparse,
+            *log_u,
+            *pw_u,
+        )
         return kd.to(st.m.dtype), ce.to(st.m.dtype)
 
     @staticmethod
@@ -147,8 +157,9 @@ def sparse_kd_ce_loss(
     """
     from .sparse_kd import sparse_kd_loss
 
-    opts = KDOptions(temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence,
-                     beta=beta)  # fmt: skip
+    opts = KDOptions(
+        temperature=float(temperature), variant=variant, reduction=reduction, divergence=divergence, beta=beta
+    )
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     impl = check_impl(impl, hidden.device, hidden.dtype, *head_shape(hidden, weight))
@@ -162,8 +173,9 @@ def sparse_kd_ce_loss(
         raise ValueError(f"labels must lie in [0, V={weight.shape[0]}) or be -1 (ignored)")
     if impl == "eager":
         kd_args = dict(lse_t=lse_t, mask=mask, temperature=temperature, variant=variant, reduction=reduction)
-        kd = sparse_kd_loss(hidden, weight, topk_ids, topk_logprobs, **kd_args, impl=impl, divergence=divergence,
-                            beta=beta)  # fmt: skip
+        kd = sparse_kd_loss(
+            hidden, weight, topk_ids, topk_logprobs, **kd_args, impl=impl, divergence=divergence, beta=beta
+        )
         zeros = torch.zeros(n, 1, device=hidden.device)
         ce_args = dict(lse_t=zeros[:, 0], mask=mask, temperature=1.0, variant="tail", reduction=reduction, impl=impl)
         return kd, sparse_kd_loss(hidden, weight, labels[:, None], zeros, **ce_args)

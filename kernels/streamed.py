@@ -64,8 +64,14 @@ CUDA_COLS = 4096
 CUDA_TILES = (1024, 256)
 
 
-def blocking(n: int, v: int, device: torch.device, chunk_size: int, row_block: int | None = None,
-             cpu_elems: int = CPU_CHUNK_ELEMS) -> Blocking:  # fmt: skip
+def blocking(
+    n: int,
+    v: int,
+    device: torch.device,
+    chunk_size: int,
+    row_block: int | None = None,
+    cpu_elems: int = CPU_CHUNK_ELEMS,
+) -> Blocking:
     """The blocking of an (N rows) x (V columns) pass on ``device``; ``chunk_size`` caps the chunk width and
     ``row_block`` (None: per device) the rows per block (tests use both to span several blocks). ``cpu_elems``:
     the CPU logit chunk's size in elements (a pass without an (N, H) accumulator, top-k capture, takes wider
@@ -96,8 +102,10 @@ def vendor_caps(device: torch.device) -> dict[str, bool]:
     if not _CAPS:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
         acc = torch.zeros(2, 2, device=device)
-        for name, call in (("mm", lambda: torch.mm(a, a, out_dtype=torch.float32)),
-                           ("addmm", lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc))):  # fmt: skip
+        for name, call in (
+            ("mm", lambda: torch.mm(a, a, out_dtype=torch.float32)),
+            ("addmm", lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)),
+        ):
             try:
                 call()
                 _CAPS[name] = True

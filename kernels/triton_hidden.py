@@ -57,9 +57,18 @@ def _hidden_kd_fwd_kernel(
     a_ptr,  # (N,) int64 student argmax a, in place
     acc_ptr,  # (N, 2, H) fp32 accumulator rows (MODE 0 / 1), rescaled in place
     w_ptr,  # (V, H) LM head in the input dtype, row stride stride_w (the old a's row)
-    r0, v0, C, H, stride_w, inv_t, sh0, sh1,
-    MODE: tl.constexpr, TILE_C: tl.constexpr, TILE_H: tl.constexpr,
-):  # fmt: skip
+    r0,
+    v0,
+    C,
+    H,
+    stride_w,
+    inv_t,
+    sh0,
+    sh1,
+    MODE: tl.constexpr,
+    TILE_C: tl.constexpr,
+    TILE_H: tl.constexpr,
+):
     r = tl.program_id(0)
     row = (r0 + r).to(tl.int64)
     sx = s_ptr + (2 * r).to(tl.int64) * C
@@ -176,9 +185,17 @@ def _hidden_jsd_fwd_kernel(
     u_ptr,  # (N,) fp32 loss sum, in place
     p0_ptr,  # (N,) fp32 sum_{v != a} e^{x - mo}, in place
     r1_ptr,  # (N,) fp32 sum_{v != a} e^{x - mo} r, in place
-    r0, v0, C, inv_t, log_b, log_1mb, beta, sh0, sh1,
+    r0,
+    v0,
+    C,
+    inv_t,
+    log_b,
+    log_1mb,
+    beta,
+    sh0,
+    sh1,
     TILE_C: tl.constexpr,
-):  # fmt: skip
+):
     r = tl.program_id(0)
     row = (r0 + r).to(tl.int64)
     sx = s_ptr + (2 * r).to(tl.int64) * C
@@ -234,10 +251,32 @@ def triton_online_step(s, st, r0: int, v0: int, weight, mode: str, inv_t: float,
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     tile_c, tile_h = st.scratch.get("tiles", tiles)
     _hidden_kd_fwd_kernel[(rows2 // 2,)](
-        s, e, st.xa, st.mo, st.mt, st.lz, st.lt, st.ya, st.c0, st.u, st.a, acc, w,
-        r0, v0, c, w.shape[1], w.stride(0), inv_t, sh[0], sh[1],
-        MODE=MODES[mode], TILE_C=tile_c, TILE_H=tile_h, **row_warps(tile_c),
-    )  # fmt: skip
+        s,
+        e,
+        st.xa,
+        st.mo,
+        st.mt,
+        st.lz,
+        st.lt,
+        st.ya,
+        st.c0,
+        st.u,
+        st.a,
+        acc,
+        w,
+        r0,
+        v0,
+        c,
+        w.shape[1],
+        w.stride(0),
+        inv_t,
+        sh[0],
+        sh[1],
+        MODE=MODES[mode],
+        TILE_C=tile_c,
+        TILE_H=tile_h,
+        **row_warps(tile_c),
+    )
     return None if mode == "lse" else e
 
 
@@ -250,8 +289,25 @@ def triton_jsd_step(s, st, r0: int, v0: int, inv_t: float, lse_z, lse_t, beta: f
     e = _e_buffer(s, st, dtype)
     tile_c = st.scratch.get("tiles", (32, 16))[0]
     _hidden_jsd_fwd_kernel[(rows2 // 2,)](
-        s, e, lse_z, lse_t, st.mo, st.a, st.u, st.p0, st.r1,
-        r0, v0, c, inv_t, math.log(beta), math.log1p(-beta), beta, sh[0], sh[1],
-        TILE_C=tile_c, **row_warps(tile_c),
-    )  # fmt: skip
+        s,
+        e,
+        lse_z,
+        lse_t,
+        st.mo,
+        st.a,
+        st.u,
+        st.p0,
+        st.r1,
+        r0,
+        v0,
+        c,
+        inv_t,
+        math.log(beta),
+        math.log1p(-beta),
+        beta,
+        sh[0],
+        sh[1],
+        TILE_C=tile_c,
+        **row_warps(tile_c),
+    )
     return e

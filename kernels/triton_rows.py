@@ -47,9 +47,17 @@ def _offset_rows_fwd_kernel(
     l_ptr,  # (S, N) fp32 running sum of exp(c s - m) over the off-set columns, in place
     acc_ptr,  # (S, N, H) fp32 accumulator rows, rescaled in place when m moves (HAS_ACC)
     inv_ptr,  # (S,) fp32 logit scales c
-    r0, C, N, H, e_shift, tau,
-    S: tl.constexpr, TILE_C: tl.constexpr, TILE_H: tl.constexpr, HAS_ACC: tl.constexpr,
-):  # fmt: skip
+    r0,
+    C,
+    N,
+    H,
+    e_shift,
+    tau,
+    S: tl.constexpr,
+    TILE_C: tl.constexpr,
+    TILE_H: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+):
     r = tl.program_id(0)
     row = (r0 + r).to(tl.int64)  # global row
     srow = s_ptr + r.to(tl.int64) * C
@@ -107,9 +115,14 @@ def _kd_dh_rows_kernel(
     cb_ptr,  # (N, KX) fp32 sparse coefficients (0 where the id is not valid)
     w_ptr,  # (V, H) LM head, row stride stride_w
     dh_ptr,  # (N, H) out, input dtype
-    N, H, KX, stride_w,
-    S: tl.constexpr, TILE_H: tl.constexpr, K_TILE: tl.constexpr,
-):  # fmt: skip
+    N,
+    H,
+    KX,
+    stride_w,
+    S: tl.constexpr,
+    TILE_H: tl.constexpr,
+    K_TILE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     hc = tl.program_id(1) * TILE_H + tl.arange(0, TILE_H)
     ok_h = hc < H
@@ -153,15 +166,40 @@ def triton_row_step(s, ex: Excluded, blk: int, chunk: int, st: Running, r0: int,
     e = st.scratch[key][: n_s * rows * c].view(n_s, rows, c)
     acc = st.acc if st.acc is not None else st.m  # a placeholder pointer when there is no accumulator
     _offset_rows_fwd_kernel[(rows,)](
-        s, e, ex.offsets(blk, chunk), ex.col, ex.slot, st.s_x, st.m, st.l, acc, st.scratch["inv"],
-        r0, c, st.m.shape[1], acc.shape[-1], st.e_scale, LAZY_TAU,
-        S=n_s, TILE_C=ex.b.tile_c, TILE_H=ex.b.tile_h, HAS_ACC=st.acc is not None, **row_warps(ex.b.tile_c),
-    )  # fmt: skip
+        s,
+        e,
+        ex.offsets(blk, chunk),
+        ex.col,
+        ex.slot,
+        st.s_x,
+        st.m,
+        st.l,
+        acc,
+        st.scratch["inv"],
+        r0,
+        c,
+        st.m.shape[1],
+        acc.shape[-1],
+        st.e_scale,
+        LAZY_TAU,
+        S=n_s,
+        TILE_C=ex.b.tile_c,
+        TILE_H=ex.b.tile_h,
+        HAS_ACC=st.acc is not None,
+        **row_warps(ex.b.tile_c),
+    )
     return list(e.unbind(0))
 
 
-def triton_dh(pw: torch.Tensor, ca: torch.Tensor, idx: torch.Tensor, cb: torch.Tensor, weight: torch.Tensor,
-              dtype: torch.dtype, tile_h: int) -> torch.Tensor:  # fmt: skip
+def triton_dh(
+    pw: torch.Tensor,
+    ca: torch.Tensor,
+    idx: torch.Tensor,
+    cb: torch.Tensor,
+    weight: torch.Tensor,
+    dtype: torch.dtype,
+    tile_h: int,
+) -> torch.Tensor:
     """dh = sum_s ca_s pw_s + sum_j cb_j W[idx_j], in ``dtype``, by ``_kd_dh_rows_kernel``.
 
     Shape: pw (S, N, H) fp32, ca (S, N) fp32, idx (N, KX) long, cb (N, KX) fp32, weight (V, H) -> (N, H)
@@ -171,7 +209,19 @@ def triton_dh(pw: torch.Tensor, ca: torch.Tensor, idx: torch.Tensor, cb: torch.T
     if n:
         w = weight if weight.stride(1) == 1 else weight.contiguous()
         _kd_dh_rows_kernel[(n, triton.cdiv(hd, tile_h))](
-            pw, ca.contiguous(), idx.contiguous(), cb.contiguous(), w, dh, n, hd, idx.shape[1], w.stride(0),
-            S=n_s, TILE_H=tile_h, K_TILE=K_TILE, **row_warps(tile_h),
-        )  # fmt: skip
+            pw,
+            ca.contiguous(),
+            idx.contiguous(),
+            cb.contiguous(),
+            w,
+            dh,
+            n,
+            hd,
+            idx.shape[1],
+            w.stride(0),
+            S=n_s,
+            TILE_H=tile_h,
+            K_TILE=K_TILE,
+            **row_warps(tile_h),
+        )
     return dh

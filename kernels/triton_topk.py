@@ -36,9 +36,14 @@ def _topk_rows_kernel(
     val_ptr,  # (N, KP) fp32 top-k buffer values (first K slots live, unordered; -inf: empty), in place
     id_ptr,  # (N, KP) int64 their vocabulary ids (-1: empty), in place
     cnt_ptr,  # (N,) int32 chunks merged per row (the early-out's counter), in place
-    r0, v0, C, K,
-    KP: tl.constexpr, TP: tl.constexpr, TILE_C: tl.constexpr,
-):  # fmt: skip
+    r0,
+    v0,
+    C,
+    K,
+    KP: tl.constexpr,
+    TP: tl.constexpr,
+    TILE_C: tl.constexpr,
+):
     r = tl.program_id(0)
     row = (r0 + r).to(tl.int64)  # global row
     zrow = z_ptr + r.to(tl.int64) * C
@@ -87,9 +92,22 @@ def triton_topk_step(z: torch.Tensor, st: TopkRunning, r0: int, v0: int, b: Bloc
     if z.dtype != torch.float32:
         raise ValueError(f"the Triton top-k row step takes fp32 logits, got {z.dtype}")
     _topk_rows_kernel[(rows,)](
-        z, st.m, st.l, st.inv, st.vals, st.ids, st.merges, r0, v0, c, st.k,
-        KP=st.vals.shape[1], TP=st.l.shape[1], TILE_C=b.tile_c, **row_warps(b.tile_c),
-    )  # fmt: skip
+        z,
+        st.m,
+        st.l,
+        st.inv,
+        st.vals,
+        st.ids,
+        st.merges,
+        r0,
+        v0,
+        c,
+        st.k,
+        KP=st.vals.shape[1],
+        TP=st.l.shape[1],
+        TILE_C=b.tile_c,
+        **row_warps(b.tile_c),
+    )
 
 
 @torch.no_grad()
