@@ -22,7 +22,28 @@ from ssb.eval.report import plot_runs, print_compare, write_report
 from ssb.eval.scoring import evaluate
 from ssb.eval.stats import compare, load_results, results_path
 
-__all__ = ["PROTOCOLS", "Protocol", "compare", "compare_files", "evaluate", "load_results", "resolve_protocol", "run"]
+__all__ = [
+    "PROTOCOLS",
+    "Protocol",
+    "compare",
+    "compare_files",
+    "evaluate",
+    "load_results",
+    "resolve_protocol",
+    "run",
+    "scored",
+]
+
+
+def scored(cfg: SSBConfig, adapter: str | None = None) -> list[tuple[str, str | None]]:
+    """``(label, adapter)`` of every model ``ssb eval`` scores: the base (``eval.include_base``, or when there is no
+    adapter), then the adapter named (``adapter``, ``eval.adapter``) or else the trained one, if any ("ssb")."""
+    trained = RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir)
+    adapter = adapter or cfg.eval.adapter
+    if adapter is None and (trained / "adapter_config.json").exists():
+        adapter = str(trained)
+    base = [("base", None)] if cfg.eval.include_base or adapter is None else []
+    return base + ([("ssb" if adapter == str(trained) else Path(adapter).name, adapter)] if adapter else [])
 
 
 def run(
@@ -38,13 +59,8 @@ def run(
     out = Path(out) if out is not None else layout.eval
     if students is not None:
         return _eval_models(cfg, out, students)
-    adapter = adapter or cfg.eval.adapter
-    trained = layout.adapter(cfg.train.output_subdir)
-    if adapter is None and (trained / "adapter_config.json").exists():
-        adapter = str(trained)
-    plan = ([("base", None)] if cfg.eval.include_base or adapter is None else []) + (
-        [("ssb" if adapter == str(trained) else Path(adapter).name, adapter)] if adapter else []
-    )
+    plan = scored(cfg, adapter)
+    adapter = plan[-1][1]
     if adapter is not None and cfg.train.qlora:
         print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
               "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip

@@ -103,17 +103,15 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def eval_labels(cfg: SSBConfig) -> list[str]:
-    """The models ``ssb run``'s eval stage scores (``ssb.run.plan``'s eval): the base and the trained student(s)."""
-    base = ["base"] if cfg.eval.include_base else []
-    trained = RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir)
-    adapter = cfg.eval.adapter
-    if cfg.rounds > 1 and adapter in (None, str(trained)):
-        return base + [f"round{r}" for r in range(1, cfg.rounds + 1)]
-    if adapter is None and (trained / "adapter_config.json").exists():
-        adapter = str(trained)
-    if adapter is None:
-        return ["base"]
-    return base + ["ssb" if adapter == str(trained) else Path(adapter).name]
+    """The models ``ssb run``'s eval stage scores (``ssb.run.plan``'s eval): every round's student with
+    ``rounds > 1`` (:func:`ssb.run.rounds.round_labels`), else what ``ssb eval`` scores (:func:`ssb.eval.scored`)."""
+    from ssb.eval import scored
+    from ssb.run.rounds import round_labels
+
+    labels = round_labels(cfg)
+    if labels is not None:
+        return (["base"] if cfg.eval.include_base else []) + labels
+    return [label for label, _ in scored(cfg)]
 
 
 def results(cfg: SSBConfig, labels: list[str]) -> str | None:

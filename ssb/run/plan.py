@@ -17,7 +17,7 @@ from typing import Any
 from ssb.config import SSBConfig
 from ssb.core.layout import RunLayout
 from ssb.run import outputs
-from ssb.run.rounds import ROUND_STAGES, round_config, round_source, round_students
+from ssb.run.rounds import ROUND_STAGES, round_config, round_labels, round_source, round_students
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,7 @@ def _eval(cfg: SSBConfig, *, adapter: str | None = None, out: str | Path | None 
     """Base + the trained adapter; with ``rounds > 1`` (and no other adapter named) base + every round's student."""
     from ssb import eval as evaluation
 
-    trained = str(RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir))
-    named = adapter or cfg.eval.adapter
-    if cfg.rounds > 1 and named in (None, trained) and Path(trained, "adapter_config.json").exists():
+    if round_labels(cfg, adapter) is not None:
         return evaluation.run(cfg, out=out, students=round_students(cfg))
     return evaluation.run(cfg, adapter=adapter, out=out)
 

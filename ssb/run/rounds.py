@@ -65,3 +65,13 @@ def round_config(cfg: SSBConfig, r: int, stage: str) -> SSBConfig:
 def round_students(cfg: SSBConfig) -> list[tuple[str, Path]]:
     """``(label, merged student)`` for every round, merging as needed: ``round1`` .. ``round<R>``."""
     return [(f"round{r}", ensure_student(cfg, r)) for r in range(1, cfg.rounds + 1)]
+
+
+def round_labels(cfg: SSBConfig, adapter: str | None = None) -> list[str] | None:
+    """The students ``ssb run`` scores when it ran rounds and no other adapter is named: ``round1`` ..
+    ``round<R>`` (:func:`round_students` merges them); None otherwise."""
+    trained = str(RunLayout(cfg.run_dir).adapter(cfg.train.output_subdir))
+    named = adapter or cfg.eval.adapter
+    if cfg.rounds > 1 and named in (None, trained) and Path(trained, "adapter_config.json").exists():
+        return [f"round{r}" for r in range(1, cfg.rounds + 1)]
+    return None
