@@ -95,8 +95,11 @@ RANGES: dict[str, Range] = {
     "engine.batch_size": POSITIVE,
     "engine.cpu_kv_cache_gib": Range(0, lo_open=True),
     "rollout.k": Range(2, note="curation needs a correct and a wrong sample of one problem"),
-    **{f"{s}.{k}": r for s in ("rollout", "curate") for k, r in
-       (("top_p", FRACTION), ("max_new_tokens", POSITIVE), ("seed", SEED))},
+    **{
+        f"{s}.{k}": r
+        for s in ("rollout", "curate")
+        for k, r in (("top_p", FRACTION), ("max_new_tokens", POSITIVE), ("seed", SEED))
+    },
     "curate.target_pairs": POSITIVE,
     "curate.attempts": POSITIVE,
     "curate.repeat_ngram": Range(0, note="0: no repetition check"),
@@ -132,7 +135,7 @@ RANGES: dict[str, Range] = {
     "eval.seed": SEED,
     "eval.grader_workers": Range(0, note="0: grade inline"),
     "eval.bootstrap": Range(1, note="bootstrap resamples"),
-}  # fmt: skip
+}
 
 
 def get(cfg: Any, dotted: str) -> Any:
@@ -175,8 +178,10 @@ def _check_temperatures(cfg: SSBConfig) -> None:
             f"train.kd_temperature={t} is not one of capture.temperatures={list(cfg.capture.temperatures)}, so the "
             "store would not hold its exact c_T: add it to capture.temperatures, or set train.approximate_c_t=true "
             "to train on the SPEC's one-token-tail approximation",
-            "train.kd_temperature", "capture.temperatures", "train.approximate_c_t",
-        )  # fmt: skip
+            "train.kd_temperature",
+            "capture.temperatures",
+            "train.approximate_c_t",
+        )
 
 
 TRACKERS = ("tensorboard", "wandb")  # train.report_to's choices (ssb.core.tracking)
@@ -186,25 +191,48 @@ def _check_rules(cfg: SSBConfig) -> None:
     """The rules between keys, one row each: (key at fault, broken?, rule, other keys involved)."""
     train = cfg.train
     for key, bad, rule, others in [
-        ("distill.source", cfg.distill.source == "both" and cfg.rounds < 2,
-         "SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2", ("rounds",)),
-        ("rollout.k", cfg.distill.source != "robust" and cfg.rollout.k < 3,
-         f"expected >= 3 under distill.source={cfg.distill.source} (an on-policy sample is scored with a hint from "
-         "another correct and another wrong one)", ("distill.source",)),
-        ("capture.store_format", cfg.capture.store_format == "hidden" and cfg.capture.backend != "hf",
-         "hidden (the teacher's final hidden states) needs capture.backend=hf: vLLM returns log-probs, not hidden "
-         "states", ("capture.backend",)),
-        ("train.kd_weight", train.kd_weight == 0 and train.ce_weight == 0,
-         "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on", ("train.ce_weight",)),
-        ("train.qlora", train.qlora and train.parallel == "fsdp",
-         "QLoRA cannot train with train.parallel=fsdp: FSDP2 cannot shard bitsandbytes' 4-bit Params4bit (its "
-         "quantisation state lives outside the tensor); use train.parallel=ddp or train.qlora=false",
-         ("train.parallel",)),
+        (
+            "distill.source",
+            cfg.distill.source == "both" and cfg.rounds < 2,
+            "SSB in round 1 then on-policy in rounds 2..R; set rounds >= 2",
+            ("rounds",),
+        ),
+        (
+            "rollout.k",
+            cfg.distill.source != "robust" and cfg.rollout.k < 3,
+            f"expected >= 3 under distill.source={cfg.distill.source} (an on-policy sample is scored with a hint from "
+            "another correct and another wrong one)",
+            ("distill.source",),
+        ),
+        (
+            "capture.store_format",
+            cfg.capture.store_format == "hidden" and cfg.capture.backend != "hf",
+            "hidden (the teacher's final hidden states) needs capture.backend=hf: vLLM returns log-probs, not hidden "
+            "states",
+            ("capture.backend",),
+        ),
+        (
+            "train.kd_weight",
+            train.kd_weight == 0 and train.ce_weight == 0,
+            "train.kd_weight and train.ce_weight are both 0, so there is no loss to train on",
+            ("train.ce_weight",),
+        ),
+        (
+            "train.qlora",
+            train.qlora and train.parallel == "fsdp",
+            "QLoRA cannot train with train.parallel=fsdp: FSDP2 cannot shard bitsandbytes' 4-bit Params4bit (its "
+            "quantisation state lives outside the tensor); use train.parallel=ddp or train.qlora=false",
+            ("train.parallel",),
+        ),
         ("train.target_modules", not train.target_modules, "expected at least one module name for the LoRA", ()),
         ("eval.benchmarks", not cfg.eval.benchmarks, "expected at least one benchmark", ()),
-        ("train.report_to", not set(train.report_to) <= set(TRACKERS),
-         f"expected a list of {' / '.join(TRACKERS)} (ssb.core.tracking)", ()),
-    ]:  # fmt: skip
+        (
+            "train.report_to",
+            not set(train.report_to) <= set(TRACKERS),
+            f"expected a list of {' / '.join(TRACKERS)} (ssb.core.tracking)",
+            (),
+        ),
+    ]:
         if bad:
             raise ConfigError(f"{key}: {rule}, got {get(cfg, key)!r}", key, *others)
     keys = {"variant": "train.variant", "divergence": "train.divergence", "beta": "train.jsd_beta"}
@@ -246,7 +274,8 @@ def _check_source(key: str, source: str) -> None:
     if source.lower() in HUB or path.is_dir():
         return
     if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
-        raise ConfigError(f"{key}: {source} is a {path.suffix or 'suffix-less'} file; expected "
-                          f"{', '.join(LOCAL_SUFFIXES)}", key)  # fmt: skip
+        raise ConfigError(
+            f"{key}: {source} is a {path.suffix or 'suffix-less'} file; expected {', '.join(LOCAL_SUFFIXES)}", key
+        )
     if not path.exists() and (path.suffix in LOCAL_SUFFIXES or source.startswith(("/", ".", "~"))):
         raise ConfigError(f"{key}: {source}: no such file", key)

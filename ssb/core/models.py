@@ -68,8 +68,10 @@ def check_model_source(name_or_path: str | Path, *, revision: str | None = None,
 
 def hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` (or transformers' ``TRANSFORMERS_OFFLINE``) is set, read now, not at import."""
-    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+    return any(
+        os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 @functools.cache
@@ -83,8 +85,10 @@ def _hub_source(name: str, revision: str | None) -> str:
         cached = None
     if hub_offline():
         if cached is None:
-            raise InputError(f"model.name_or_path: {name!r} is a hub id, HF_HUB_OFFLINE is set and the local hub "
-                             f"cache does not have it; {LOCAL_FIX}, or unset HF_HUB_OFFLINE")  # fmt: skip
+            raise InputError(
+                f"model.name_or_path: {name!r} is a hub id, HF_HUB_OFFLINE is set and the local hub "
+                f"cache does not have it; {LOCAL_FIX}, or unset HF_HUB_OFFLINE"
+            )
         return name
     problem = _probe_hub(name, revision)
     if problem is None:
@@ -92,8 +96,10 @@ def _hub_source(name: str, revision: str | None) -> str:
     if cached is not None:
         print(f"ssb: the hub is unreachable ({problem}); using the cached {name} at {cached}", file=sys.stderr)
         return cached
-    raise InputError(f"model.name_or_path: {name!r} is a hub id and {problem}; {LOCAL_FIX}, "
-                     "or set HF_HUB_OFFLINE=1 to use the local hub cache")  # fmt: skip
+    raise InputError(
+        f"model.name_or_path: {name!r} is a hub id and {problem}; {LOCAL_FIX}, "
+        "or set HF_HUB_OFFLINE=1 to use the local hub cache"
+    )
 
 
 def _probe_hub(name: str, revision: str | None) -> str | None:

@@ -61,9 +61,18 @@ LEAKS_COMMON = ("student", "attempt", "grader", "graded", "response", "math prob
 LEAKS = {
     "paper": (*LEAKS_COMMON, "marked incorrect", "were shown", "was shown", "robust"),
     "short": (*LEAKS_COMMON, "correct solution", "solution above", "given solution", "provided solution"),
-    "multiturn": (*LEAKS_COMMON, "solve it again", "solving it again", "once again", "as before", "previous",
-                  "my earlier", "earlier solution", "earlier answer"),
-}  # fmt: skip
+    "multiturn": (
+        *LEAKS_COMMON,
+        "solve it again",
+        "solving it again",
+        "once again",
+        "as before",
+        "previous",
+        "my earlier",
+        "earlier solution",
+        "earlier answer",
+    ),
+}
 
 
 @dataclass(frozen=True)

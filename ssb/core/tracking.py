@@ -26,15 +26,17 @@ class Tracker:
     ):
         unknown = sorted(set(report_to) - set(TRACKERS))
         if unknown:
-            raise ConfigError(f"train.report_to: unknown tracker(s) {unknown} (expected any of {list(TRACKERS)})",
-                              "train.report_to")  # fmt: skip
+            raise ConfigError(
+                f"train.report_to: unknown tracker(s) {unknown} (expected any of {list(TRACKERS)})", "train.report_to"
+            )
         self.log_dir = Path(log_dir)
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:
             if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError("train.report_to: tensorboard is not installed (pip install tensorboard)",
-                                  "train.report_to")  # fmt: skip
+                raise ConfigError(
+                    "train.report_to: tensorboard is not installed (pip install tensorboard)", "train.report_to"
+                )
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.log_dir / "tb"))
@@ -45,8 +47,9 @@ class Tracker:
 
             os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless the user says so
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._wandb = wandb.init(project="ssb", name=run_name, dir=str(self.log_dir), config=config or {},
-                                     reinit=True)  # fmt: skip
+            self._wandb = wandb.init(
+                project="ssb", name=run_name, dir=str(self.log_dir), config=config or {}, reinit=True
+            )
 
     @property
     def active(self) -> bool:
@@ -86,8 +89,15 @@ def eval_scalars(agg: dict) -> dict[str, float]:
             out[f"{family[:-1]}{k}"] = v["value"]
     for mode, v in agg.get("pass@1_by_mode", {}).items():
         out[f"pass@1_{mode}"] = v["value"]
-    for key in ("n_problems", "n_samples", "mean_tokens_correct", "mean_tokens_wrong", "truncation_rate",
-                "truncated_right_answer_rate", "no_answer_rate"):  # fmt: skip
+    for key in (
+        "n_problems",
+        "n_samples",
+        "mean_tokens_correct",
+        "mean_tokens_wrong",
+        "truncation_rate",
+        "truncated_right_answer_rate",
+        "no_answer_rate",
+    ):
         if _is_number(agg.get(key)):
             out[key] = agg[key]
     return out

@@ -45,8 +45,14 @@ class Sampling:
     @classmethod
     def from_config(cls, block: SamplingConfig, n: int) -> Sampling:
         """``n`` samples with the sampling block of a config section (``rollout``, ``curate``)."""
-        return cls(n=n, temperature=block.temperature, top_k=block.top_k, top_p=block.top_p,
-                   max_new_tokens=block.max_new_tokens, seed=block.seed)  # fmt: skip
+        return cls(
+            n=n,
+            temperature=block.temperature,
+            top_k=block.top_k,
+            top_p=block.top_p,
+            max_new_tokens=block.max_new_tokens,
+            seed=block.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,16 @@ class BatchProgress:
         self.max_new_tokens, self.exact = max_new_tokens, exact
         self.steps = self.tokens = 0
         self.t0 = time.perf_counter()
-        self.bar = tqdm(total=total, desc=f"{desc}: sequences", unit="seq", leave=False, file=sys.stderr,
-                        mininterval=2.0, dynamic_ncols=True, disable=not show)  # fmt: skip
+        self.bar = tqdm(
+            total=total,
+            desc=f"{desc}: sequences",
+            unit="seq",
+            leave=False,
+            file=sys.stderr,
+            mininterval=2.0,
+            dynamic_ncols=True,
+            disable=not show,
+        )
 
     def step(self, active: int, finished: int = 0) -> None:
         """One decode step in which ``active`` sequences were generating and ``finished`` completed."""

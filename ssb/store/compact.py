@@ -41,9 +41,12 @@ def layout(vocab_size: int) -> dict:
 def shapes(k: int, vocab_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Per-row shape tail and dtype of each compact tensor."""
     nb = lambda bits: (math.ceil(k * bits / 8),)  # noqa: E731
-    return {"topk_ids_packed": (nb(id_bits(vocab_size)), torch.uint8),
-            "topk_codes_packed": (nb(code_bits(vocab_size)), torch.uint8),
-            "row_top": ((), torch.float32), "row_gap": ((), torch.float32)}  # fmt: skip
+    return {
+        "topk_ids_packed": (nb(id_bits(vocab_size)), torch.uint8),
+        "topk_codes_packed": (nb(code_bits(vocab_size)), torch.uint8),
+        "row_top": ((), torch.float32),
+        "row_gap": ((), torch.float32),
+    }
 
 
 def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,8 +80,12 @@ def encode(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_size: int)
     levels = (1 << cb) - 1
     codes = torch.where(valid, (u * levels).round().clamp(0, levels), 0.0).to(torch.int64)
     ids = torch.where(valid, topk_ids.to(torch.int64), vocab_size)
-    return {"topk_ids_packed": pack_bits(ids, ib), "topk_codes_packed": pack_bits(codes, cb),
-            "row_top": top[:, 0].float(), "row_gap": gap[:, 0].float()}  # fmt: skip
+    return {
+        "topk_ids_packed": pack_bits(ids, ib),
+        "topk_codes_packed": pack_bits(codes, cb),
+        "row_top": top[:, 0].float(),
+        "row_gap": gap[:, 0].float(),
+    }
 
 
 def decode(t: dict[str, torch.Tensor], k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,8 +89,16 @@ class StoreWriter:
     shard: which shards to (re)write, and what to move aside first, is :func:`check_store`'s answer.
     """
 
-    def __init__(self, path: str | Path, header: dict, *, k: int, value_dtype: str, temperatures: list[float],
-                 store_format: str = "exact"):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        header: dict,
+        *,
+        k: int,
+        value_dtype: str,
+        temperatures: list[float],
+        store_format: str = "exact",
+    ):
         if store_format not in STORE_FORMATS:
             raise ValueError(f"store_format: expected one of {STORE_FORMATS}, got {store_format!r}")
         if store_format == "hidden":  # header["hidden"]: dtype, size and fingerprints (ssb.store.hidden)
@@ -141,8 +149,13 @@ class StoreWriter:
             tensors.update(compact.encode(ids, lp.float(), self.vocab_size))
         for t in self.temperatures:
             tensors[lse_key(t)] = cat(lambda e, t=t: e.lse[t], torch.float32)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "shard": j,
-                "skipped": skipped}  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "shard": j,
+            "skipped": skipped,
+        }
         # one metadata key: safetensors keeps metadata in a hash map, so several keys serialise in random order
         # and an identical recapture would not give identical bytes
         blob = {"ssb": json.dumps(meta, sort_keys=True)}
@@ -162,8 +175,9 @@ class StoreWriter:
                 n_rows = h.get_slice("token_ids").get_shape()[0]
                 n_ex = h.get_slice("example_index").get_shape()[0]
             skipped.extend(meta["skipped"])
-            shards.append({"file": f.name, "examples": n_ex, "rows": n_rows, "bytes": f.stat().st_size,
-                           "sha256": sha256_file(f)})  # fmt: skip
+            shards.append(
+                {"file": f.name, "examples": n_ex, "rows": n_rows, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            )
             rows += n_rows
             examples += n_ex
         manifest = {
@@ -208,8 +222,14 @@ def shard_problem(f: Path, rec: dict, *, verify: bool = True) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-_DTYPES = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "U8": torch.uint8,
-           "BF16": torch.bfloat16}  # fmt: skip
+_DTYPES = {
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "U8": torch.uint8,
+    "BF16": torch.bfloat16,
+}
 
 
 def _mmap_tensors(f: Path) -> dict[str, torch.Tensor]:

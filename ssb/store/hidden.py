@@ -91,8 +91,10 @@ def check_head(manifest: dict, model: nn.Module) -> None:
     want = manifest["hidden"]
     problem = head_problem(model, training=True)
     if problem is not None:
-        raise StoreMismatchError(f"{where}: a hidden store needs the student's frozen LM head as captured, but "
-                                 f"{problem}; train on the plain float head (or capture a sparse store)")  # fmt: skip
+        raise StoreMismatchError(
+            f"{where}: a hidden store needs the student's frozen LM head as captured, but "
+            f"{problem}; train on the plain float head (or capture a sparse store)"
+        )
     got = head_fingerprint(model)
     for key, what in (("size", "hidden size"), ("vocab_size", "vocabulary"), ("head_sha256", "LM head sha256")):
         if got[key] != want[key]:

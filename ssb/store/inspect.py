@@ -72,8 +72,10 @@ def load_head(store: TeacherStore) -> torch.Tensor:
     cfg = ModelConfig(name_or_path=m["model"]["id"], revision=m["model"].get("revision"), dtype=m["value_dtype"])
     model = load_causal_lm(cfg, "cpu")
     if head_fingerprint(model)["head_sha256"] != m["hidden"]["head_sha256"]:
-        raise StoreMismatchError(f"{store.path}/manifest.json: the LM head of {m['model']['id']} is not the one "
-                                 "the store was captured with (head sha256 differs): no top-k mass")  # fmt: skip
+        raise StoreMismatchError(
+            f"{store.path}/manifest.json: the LM head of {m['model']['id']} is not the one "
+            "the store was captured with (head sha256 differs): no top-k mass"
+        )
     return model.get_output_embeddings().weight.detach()
 
 
@@ -105,8 +107,12 @@ def hidden_topk_mass(
             flush()
     if pending:
         flush()
-    return {"temperature": float(temperature), "rows": rows, "seconds": time.perf_counter() - t0,
-            "mass": {k: sums[k] / max(rows, 1) for k in ks}}  # fmt: skip
+    return {
+        "temperature": float(temperature),
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "mass": {k: sums[k] / max(rows, 1) for k in ks},
+    }
 
 
 def print_inspect(path: str | Path) -> None:
@@ -115,13 +121,17 @@ def print_inspect(path: str | Path) -> None:
     print(f"teacher store {s['path']}  ({s['backend']} backend, model {s['model']})")
     print(f"  examples {s['examples']}  rows {s['rows']}  skipped {s['skipped']}")
     if s["store_format"] == "hidden":
-        print(f"  hidden: the teacher's final hidden states, H {s['hidden_size']} in {s['value_dtype']}, exact at "
-              "every temperature")  # fmt: skip
+        print(
+            f"  hidden: the teacher's final hidden states, H {s['hidden_size']} in {s['value_dtype']}, exact at "
+            "every temperature"
+        )
     else:
         values = s["value_dtype"] if s["store_format"] == "exact" else "compact (ids bit-packed, log-probs companded)"
         print(f"  k {s['k']}  values {values}  exact c_T for T in {s['exact_temperatures']}")
-    print(f"  bytes/row {s['bytes_per_row']:.1f}  (dense float32: {s['dense_fp32_bytes_per_row']}, "
-          f"ratio {s['ratio_to_dense']:.2e})")  # fmt: skip
+    print(
+        f"  bytes/row {s['bytes_per_row']:.1f}  (dense float32: {s['dense_fp32_bytes_per_row']}, "
+        f"ratio {s['ratio_to_dense']:.2e})"
+    )
     if s["store_format"] == "hidden":
         r = hidden_topk_mass(store, training_temperature(store))
         masses = "  ".join(f"k={k} {v:.4f}" for k, v in r["mass"].items())
