@@ -46,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "pretrain":
         cfg = PretrainConfig(
-            seed=args.seed, steps=args.steps, save_every=args.save_every, lr=args.lr, warmup=args.warmup,
-            mix=tuple(args.mix), robust_attempts=args.robust_attempts,
-        )  # fmt: skip
+            seed=args.seed,
+            steps=args.steps,
+            save_every=args.save_every,
+            lr=args.lr,
+            warmup=args.warmup,
+            mix=tuple(args.mix),
+            robust_attempts=args.robust_attempts,
+        )
         pretrain(cfg, Path(args.out), Path(args.init) if args.init else None)
         return 0
     print(

@@ -91,6 +91,29 @@ def generate_within_budget(engine, conversations: list[list[dict]], sampling, *,
     return out
 
 
+def _hint_pair(p, right: list[str], wrong: list[str], rng: random.Random) -> tuple[tuple[str, str], bool]:
+    """The (correct, wrong) solutions shown to the hinted view of problem ``p``, and whether they are the model's own.
+
+    Like curation: a correct sample and the most common wrong answer's sample when the bare samples hold both;
+    else the problem's plain solution and a planted wrong one (``rng`` is drawn from only then).
+    """
+    if right and wrong:
+        clusters = cluster_answers([_extract(w) for w in wrong])
+        no_answer = next((i for i, c in enumerate(clusters) if c is None), -1)
+        keys = [no_answer if c is None else c for c in clusters]  # group key: its first sample
+        top = max(keys, key=lambda c: (keys.count(c), -c))  # most common, ties: the first seen
+        return (right[0], wrong[keys.index(top)]), True
+    from ssb.toy.pretrain import wrong_solution
+
+    return (p.plain_solution(), wrong_solution(p, rng)), False
+
+
+def _bare_pass_at_1(probs: list, bare: list, k: int, *, traps: bool) -> float:
+    """Bare pass@1 over the problems with (``traps``) or without a planted trap."""
+    rows = [(p, s) for p, s in zip(probs, bare) if bool(p.traps) == traps]
+    return sum(_correct(c, p.answer()) for p, s in rows for c in s) / max(1, k * len(rows))
+
+
 def measure(
     model_or_engine=None,
     *,
@@ -135,17 +158,8 @@ def measure(
             for w in wrong:
                 wrong_total += 1
                 wrong_misc += _int_or_none(_extract(w)) in p.misconception_answers()
-            if right and wrong:  # like curation: a correct one and the most common wrong answer's sample
-                clusters = cluster_answers([_extract(w) for w in wrong])
-                no_answer = next((i for i, c in enumerate(clusters) if c is None), -1)
-                keys = [no_answer if c is None else c for c in clusters]  # group key: its first sample
-                top = max(keys, key=lambda c: (keys.count(c), -c))  # most common, ties: the first seen
-                pair = right[0], wrong[keys.index(top)]
-                n_own_pairs += 1
-            else:
-                from ssb.toy.pretrain import wrong_solution
-
-                pair = p.plain_solution(), wrong_solution(p, rng)
+            pair, own_pair = _hint_pair(p, right, wrong, rng)
+            n_own_pairs += own_pair
             shown.append(pair[0])
             hinted_convs.append(teacher_messages(p.question(), *pair))
         hinted = generate_within_budget(
@@ -159,18 +173,14 @@ def measure(
             engine.close()
     h_texts = [s[0].text for s in hinted]
     h_right = sum(_correct(s[0], p.answer()) for s, p in zip(hinted, probs))
-    trap_rows = [(p, s) for p, s in zip(probs, bare) if p.traps]
-    trap_right = sum(_correct(c, p.answer()) for p, s in trap_rows for c in s)
-    clean_rows = [(p, s) for p, s in zip(probs, bare) if not p.traps]
-    clean_right = sum(_correct(c, p.answer()) for p, s in clean_rows for c in s)
     return {
         "n_problems": n,
         "k": k,
         "seed": seed,
         "temperature": temperature,
         "bare_pass@1": n_right / (n * k),
-        "bare_pass@1_trap_problems": trap_right / max(1, k * len(trap_rows)),
-        "bare_pass@1_no_trap_problems": clean_right / max(1, k * len(clean_rows)),
+        "bare_pass@1_trap_problems": _bare_pass_at_1(probs, bare, k, traps=True),
+        "bare_pass@1_no_trap_problems": _bare_pass_at_1(probs, bare, k, traps=False),
         "hinted_temperature": hinted_temperature,
         "hinted_pass@1": h_right / n,
         "hinted_from_own_pairs": n_own_pairs,

@@ -226,8 +226,11 @@ def pretrain(cfg: PretrainConfig, out: Path, init: Path | None = None) -> dict:
     )
     rng = random.Random(f"toy-pretrain-{cfg.seed}")
     hinted = functools.partial(hinted_example, robust_attempts=cfg.robust_attempts)
-    makers = {"bare": (bare_example, cfg.bare_batch), "hinted": (hinted, cfg.hinted_batch),
-              "drill": (drill_example, cfg.drill_batch)}  # fmt: skip
+    makers = {
+        "bare": (bare_example, cfg.bare_batch),
+        "hinted": (hinted, cfg.hinted_batch),
+        "drill": (drill_example, cfg.drill_batch),
+    }
     log = {"config": asdict(cfg), "init": str(init) if init else None, "params": n_params, "vocab": len(tok)}
     log.update(phases=earlier, history=[])
     t0, seen_tokens, running = time.time(), 0, {}
@@ -255,8 +258,12 @@ def pretrain(cfg: PretrainConfig, out: Path, init: Path | None = None) -> dict:
         running[kind] = 0.9 * running.get(kind, loss.item()) + 0.1 * loss.item()
         if step % 50 == 0 or step == cfg.steps:
             elapsed = time.time() - t0
-            entry = {"step": step, "minutes": round(elapsed / 60, 2), "tokens": seen_tokens,
-                     **{f"loss_{k}": round(v, 4) for k, v in running.items()}}  # fmt: skip
+            entry = {
+                "step": step,
+                "minutes": round(elapsed / 60, 2),
+                "tokens": seen_tokens,
+                **{f"loss_{k}": round(v, 4) for k, v in running.items()},
+            }
             log["history"].append(entry)
             print(json.dumps(entry), flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps:

@@ -30,10 +30,10 @@ CHAT_TEMPLATE = (
     "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo", "Nia",
-         "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara")  # fmt: skip
-ITEMS = ("pens", "apples", "stickers", "marbles", "cookies", "books", "cards", "shells", "coins", "beads",
-         "stamps", "eggs", "pencils", "buttons", "candles")  # fmt: skip
+NAMES = tuple("Ada Ben Cleo Dev Eli Fay Gus Hana Ivo Jun Kai Lena Milo Nia Omar Pia Quin Rosa Sam Tara".split())
+ITEMS = tuple(
+    "pens apples stickers marbles cookies books cards shells coins beads stamps eggs pencils buttons candles".split()
+)
 CONTAINERS = ("boxes", "bags", "packs", "jars", "crates", "baskets")
 GROUPS = ("of", "each")  # "each" is a trap
 CHANGES = ("gives", "loses", "sells", "buys", "finds")  # "gives" is a trap
@@ -83,9 +83,10 @@ class ToyProblem:
 
     def question(self) -> str:
         n, it, co = self.name, self.item, self.container
-        first = f"{n} has {self.a} {co} of {self.b} {it}." if self.group == "of" else (
-            f"{n} has {self.a} {co} with {self.b} {it} each."
-        )  # fmt: skip
+        if self.group == "of":
+            first = f"{n} has {self.a} {co} of {self.b} {it}."
+        else:
+            first = f"{n} has {self.a} {co} with {self.b} {it} each."
         second = CHANGE_TEXT[self.change].format(name=n, c=self.c, item=it)
         return f"{first} {second} How many {it} does {n} have now?"
 
@@ -145,9 +146,14 @@ class ToyProblem:
 def sample_problem(rng: random.Random) -> ToyProblem:
     """Draw one problem: ~80% have exactly one trap, ~10% none, ~10% both."""
     u = rng.random()
-    group, change = ("each", rng.choice(CHANGES[1:])) if u < 0.4 else ("of", "gives") if u < 0.8 else (
-        ("of", rng.choice(CHANGES[1:])) if u < 0.9 else ("each", "gives")
-    )  # fmt: skip
+    if u < 0.4:
+        group, change = "each", rng.choice(CHANGES[1:])
+    elif u < 0.8:
+        group, change = "of", "gives"
+    elif u < 0.9:
+        group, change = "of", rng.choice(CHANGES[1:])
+    else:
+        group, change = "each", "gives"
     # Small numbers (every value < 100, c one digit) so that the arithmetic itself is learned reliably.
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     c = rng.randint(1, min(9, a + b - 1))  # keeps every answer (correct or misconceived) positive
