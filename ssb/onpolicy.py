@@ -56,9 +56,14 @@ def choose_hint(
             if usable:
                 wrong = rng.choice(usable)
                 right = rng.choice(correct)
-                return "ok", {"correct_sample": right["sample"], "wrong_sample": wrong["sample"],
-                              "wrong_answer": wrong["answer"], "wrong_count": len(g),
-                              "correct_text": right["text"], "wrong_text": wrong["text"]}  # fmt: skip
+                return "ok", {
+                    "correct_sample": right["sample"],
+                    "wrong_sample": wrong["sample"],
+                    "wrong_answer": wrong["answer"],
+                    "wrong_count": len(g),
+                    "correct_text": right["text"],
+                    "wrong_text": wrong["text"],
+                }
     return "no_other_wrong", None
 
 
@@ -117,8 +122,12 @@ def run(cfg: SSBConfig, *, resume: bool = True) -> int:
     a pure function of the rollouts and is simply redone)."""
     layout = RunLayout(cfg.run_dir)
     seqs, stats = select_sequences(cfg)
-    state = {"source": "on_policy", "curate": config_hash(cfg.curate), "distill": config_hash(cfg.distill),
-             "rollouts": sha256_file(layout.rollouts)[:16]}  # fmt: skip
+    state = {
+        "source": "on_policy",
+        "curate": config_hash(cfg.curate),
+        "distill": config_hash(cfg.distill),
+        "rollouts": sha256_file(layout.rollouts)[:16],
+    }
     outputs = [layout.curate_teacher.name, layout.curate_student.name, layout.curate_stats.name]
     claim_dir(layout.curate, state, outputs, tag="ssb curate")  # robust curation's pairs are moved aside, not lost
     save_config(cfg, layout.curate)
@@ -126,15 +135,23 @@ def run(cfg: SSBConfig, *, resume: bool = True) -> int:
     for s in seqs:
         p, r, hint = s["problem"], s["sample"], s["hint"]
         reply = {"role": "assistant", "content": r["text"]}
-        meta = {"id": p["id"], "answer": p["answer"], "source": "on_policy", "sample": r["sample"],
-                "correct": r["correct"], **{k: v for k, v in hint.items() if not k.endswith("_text")}}  # fmt: skip
+        meta = {
+            "id": p["id"],
+            "answer": p["answer"],
+            "source": "on_policy",
+            "sample": r["sample"],
+            "correct": r["correct"],
+            **{k: v for k, v in hint.items() if not k.endswith("_text")},
+        }
         t_conv = teacher_messages(p["question"], hint["correct_text"], hint["wrong_text"], hinted)
         teacher.append({**meta, "messages": [*t_conv, reply]})
         student.append({**meta, "messages": [*student_messages(p["question"]), reply]})
     atomic_write_jsonl(layout.curate_teacher, teacher)
     atomic_write_jsonl(layout.curate_student, student)
     atomic_write_json(layout.curate_stats, stats)
-    print(f"[ssb curate] on-policy: {stats['sequences']} sequences from {stats['candidates']} problems with both "
-          f"outcomes (of {stats['problems']}); samples: {stats['sample_counts']} -> {layout.curate}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"[ssb curate] on-policy: {stats['sequences']} sequences from {stats['candidates']} problems with both "
+        f"outcomes (of {stats['problems']}); samples: {stats['sample_counts']} -> {layout.curate}",
+        file=sys.stderr,
+    )
     return 0

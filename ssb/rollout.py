@@ -174,8 +174,10 @@ def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) ->
     problems, report = load_stage_problems(cfg)
     if not problems:  # nothing to sample is the user's to fix, never a successful empty run
         d = cfg.data
-        raise InputError(f"data.source={d.source} (split {d.split}, limit {d.limit}): no problems to roll out"
-                         f" ({report['skipped']} skipped as invalid)")  # fmt: skip
+        raise InputError(
+            f"data.source={d.source} (split {d.split}, limit {d.limit}): no problems to roll out"
+            f" ({report['skipped']} skipped as invalid)"
+        )
     stats = run_rollouts(cfg, problems, layout, engine=engine, input_report=report, resume=resume)
     s = stats["samples"]
     print(

@@ -259,9 +259,12 @@ def export_hf(rows: list[dict], out: Path) -> Path:
 
     cols = ("id", "messages", "answer")
     features = datasets.Features(
-        {"id": datasets.Value("string"), "answer": datasets.Value("string"),
-         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]}
-    )  # fmt: skip
+        {
+            "id": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        }
+    )
     table = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in cols}, features=features)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -288,7 +291,9 @@ def run(cfg: SSBConfig, *, resume: bool = True, engine: Engine | None = None) ->
         file=sys.stderr,
     )
     rejected = {k: v for k, v in stats["rejections"].items() if v}
-    print(f"[ssb curate] hinted samples rejected ({stats['template']['name']} template): {rejected or 'none'}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"[ssb curate] hinted samples rejected ({stats['template']['name']} template): {rejected or 'none'}",
+        file=sys.stderr,
+    )
     print(f"[ssb curate] {stats['premise']['line']}", file=sys.stderr)
     return 0

@@ -32,13 +32,25 @@ def validation_problems(cfg: SSBConfig) -> list:
     """The held-out training problems (see the module docstring); refuses the test split and a run without a limit."""
     d = cfg.data
     if d.split == "test":
-        raise ConfigError("data.split=test: --compare-templates holds out *training* problems; the test split is "
-                          "never used to choose a template", "data.split")  # fmt: skip
+        raise ConfigError(
+            "data.split=test: --compare-templates holds out *training* problems; the test split is "
+            "never used to choose a template",
+            "data.split",
+        )
     if d.limit is None:
-        raise ConfigError("data.limit: null rolls out every problem of data.split, so none is held out for "
-                          "--compare-templates; set data.limit", "data.limit")  # fmt: skip
-    problems = data.load_problems(d.source, d.split, subset=d.subset, limit=d.limit + cfg.curate.val_problems,
-                                  skip_invalid=d.skip_invalid, **dict(d.field_map))  # fmt: skip
+        raise ConfigError(
+            "data.limit: null rolls out every problem of data.split, so none is held out for "
+            "--compare-templates; set data.limit",
+            "data.limit",
+        )
+    problems = data.load_problems(
+        d.source,
+        d.split,
+        subset=d.subset,
+        limit=d.limit + cfg.curate.val_problems,
+        skip_invalid=d.skip_invalid,
+        **dict(d.field_map),
+    )
     held_out = list(problems)[d.limit :]
     if not held_out:
         raise InputError(f"data.source={d.source} (split {d.split}): no problems past data.limit={d.limit} to hold out")
@@ -75,7 +87,7 @@ def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: li
                 for lo in range(0, len(candidates), batch)
                 for rec in _generate_batch(
                     engine, candidates[lo : lo + batch], sampling, cfg.engine.max_model_len, judge
-                )  # fmt: skip
+                )
             ]
             rows[name] = {
                 "premise": premise_report(decisions, bare, seed=cfg.curate.seed),
@@ -95,7 +107,7 @@ def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: li
             "problems": len(problems),
             "ids": [p.id for p in problems],
             "with_pair": len(candidates),
-        },  # fmt: skip
+        },
         "templates": rows,
         "best": best,
         "best_is_better_than_bare": best is not None and rows[best]["premise"]["verdict"] == "better",
@@ -122,8 +134,8 @@ def render(result: dict) -> str:
         if not p["problems"]:
             rows.append((name, "-", "-", "-", "-", r["kept"], VERDICT_TEXT[p["verdict"]]))
             continue
-        rows.append((name, pct(p["hinted"], "accuracy"), pct(p["hinted"], "truncation"), pct(p["bare"], "accuracy"),
-                     pct(p["bare"], "truncation"), r["kept"], p["verdict"]))  # fmt: skip
+        rates = [pct(p[side], what) for side in ("hinted", "bare") for what in ("accuracy", "truncation")]
+        rows.append((name, *rates, r["kept"], p["verdict"]))
     v = result["validation"]
     head = (
         f"hinted templates on {v['problems']} held-out {v['source']} [{v['split']}] problems (from index {v['first']}; "
@@ -131,8 +143,11 @@ def render(result: dict) -> str:
     )
     header = ("template", "hinted correct", "hinted cut", "bare correct", "bare cut", "kept", "verdict")
     best = result["best"]
-    tail = (f"best: {best}" + ("" if result["best_is_better_than_bare"] else " (but no better than the bare model)")
-            if best else "best: none (every template is cut more often than the bare model)")  # fmt: skip
+    tail = (
+        f"best: {best}" + ("" if result["best_is_better_than_bare"] else " (but no better than the bare model)")
+        if best
+        else "best: none (every template is cut more often than the bare model)"
+    )
     return "\n".join([head, table(rows, header=header), tail])
 
 

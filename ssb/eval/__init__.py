@@ -62,8 +62,11 @@ def run(
     plan = scored(cfg, adapter)
     adapter = plan[-1][1]
     if adapter is not None and cfg.train.qlora:
-        print("ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
-              "quantise to 4-bit), not on the NF4 base it was trained against", file=sys.stderr)  # fmt: skip
+        print(
+            "ssb eval: warning: QLoRA adapter evaluated on the base as model.dtype loads it (engines do not "
+            "quantise to 4-bit), not on the NF4 base it was trained against",
+            file=sys.stderr,
+        )
     rank = check_adapter(cfg.model, adapter) if adapter is not None else None  # before the base eval starts
     engine = None
     if adapter is not None and len(plan) > 1:  # one engine serves base and adapter (per-call LoRA)
@@ -81,7 +84,7 @@ def run(
                 label=label,
                 engine=engine,
                 grading=cfg.grading.mode,
-            )  # fmt: skip
+            )
             for label, ad in plan
         ]
     finally:

@@ -58,10 +58,15 @@ def grade_problem(samples: list[tuple[str, str]], gold: str, mode: str = "strict
     verdicts = graded[mode]
     clusters = cluster_answers([None if v.status == "truncated" else v.answer for v in verdicts])
     return [
-        {"pred": v.answer, "correct": v.correct, "answer_correct": v.answer_correct, "cluster": c,
-         "by_mode": {m: graded[m][i].correct for m in GRADING_MODES}}
+        {
+            "pred": v.answer,
+            "correct": v.correct,
+            "answer_correct": v.answer_correct,
+            "cluster": c,
+            "by_mode": {m: graded[m][i].correct for m in GRADING_MODES},
+        }
         for i, (v, c) in enumerate(zip(verdicts, clusters, strict=True))
-    ]  # fmt: skip
+    ]
 
 
 def grade_batch(items: list[tuple[list[tuple[str, str]], str]], mode: str = "strict") -> list[list[dict]]:
@@ -85,8 +90,12 @@ def make_grader_pool(workers: int) -> Executor:
         return InlineExecutor()
     # spawn, not fork: the parent holds engine threads (vLLM, torch) that a fork would copy half-locked; each
     # worker dies with this process (even on SIGKILL) and leaves Ctrl-C to it (ssb.core.procs)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=die_with_parent, initargs=(os.getpid(),))  # fmt: skip
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,8 +142,13 @@ def _problem_record(problem: Any, completions: list, graded: list[dict]) -> dict
         {"text": c.text, "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason, **g}
         for c, g in zip(completions, graded, strict=True)
     ]
-    return {"id": problem.id, "question": problem.question, "answer": problem.answer, "meta": problem.meta,
-            "samples": samples}  # fmt: skip
+    return {
+        "id": problem.id,
+        "question": problem.question,
+        "answer": problem.answer,
+        "meta": problem.meta,
+        "samples": samples,
+    }
 
 
 def evaluate_problems(
@@ -164,8 +178,14 @@ def evaluate_problems(
     done = _load_partial(path, meta_path, spec)
     todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
     pending: list[tuple[Future, list, list]] = []
-    sampling = Sampling(n=protocol.n, temperature=protocol.temperature, top_k=protocol.top_k,
-                        top_p=protocol.top_p, max_new_tokens=protocol.max_new_tokens, seed=seed)  # fmt: skip
+    sampling = Sampling(
+        n=protocol.n,
+        temperature=protocol.temperature,
+        top_k=protocol.top_k,
+        top_p=protocol.top_p,
+        max_new_tokens=protocol.max_new_tokens,
+        seed=seed,
+    )
 
     def flush(wait: bool) -> None:
         while pending and (wait or pending[0][0].done()):
@@ -229,10 +249,15 @@ def evaluate(
         return holder["engine"]
 
     results: dict = {
-        "version": RESULTS_VERSION, "label": label, "adapter": adapter, "protocol": dataclasses.asdict(protocol),
-        "model": config_to_dict(model_cfg), "engine": config_to_dict(engine_cfg), "eval": config_to_dict(eval_cfg),
+        "version": RESULTS_VERSION,
+        "label": label,
+        "adapter": adapter,
+        "protocol": dataclasses.asdict(protocol),
+        "model": config_to_dict(model_cfg),
+        "engine": config_to_dict(engine_cfg),
+        "eval": config_to_dict(eval_cfg),
         "benchmarks": {},
-    }  # fmt: skip
+    }
     specs: list[dict] = []
     pool = make_grader_pool(eval_cfg.grader_workers)
     try:
@@ -241,10 +266,17 @@ def evaluate(
             spec = _spec(protocol, model_cfg, engine_cfg, adapter, bench)
             specs.append(spec)
             records = evaluate_problems(
-                engine_factory, problems, protocol, spec, out_dir / "partial",
-                adapter=adapter, batch_size=max(1, engine_cfg.batch_size), seed=eval_cfg.seed, pool=pool,
+                engine_factory,
+                problems,
+                protocol,
+                spec,
+                out_dir / "partial",
+                adapter=adapter,
+                batch_size=max(1, engine_cfg.batch_size),
+                seed=eval_cfg.seed,
+                pool=pool,
                 desc=f"eval {label} {bench}",
-            )  # fmt: skip
+            )
             aggregates = aggregate(records, n_boot=eval_cfg.bootstrap, seed=eval_cfg.seed)
             results["benchmarks"][bench] = {"aggregates": aggregates, "problems": records}
     finally:

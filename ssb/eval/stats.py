@@ -191,8 +191,9 @@ def results_path(path: str | Path) -> Path:
     if rounds and len(rounds) == len(trained):
         trained = [rounds[-1][1]]
     if not labels:
-        raise InputError(f"{p}: holds no eval results (no results.json in it, in eval/<label>/ or <label>/); "
-                         "run ssb eval first")  # fmt: skip
+        raise InputError(
+            f"{p}: holds no eval results (no results.json in it, in eval/<label>/ or <label>/); run ssb eval first"
+        )
     if len(trained) > 1:
         raise InputError(f"{p}: holds results of {', '.join(labels)}; name one as {evals}/<label>")
     return evals / (trained or labels)[0] / "results.json"
@@ -222,16 +223,21 @@ def compare(results_a: dict | str | Path, results_b: dict | str | Path, *, n_boo
     """
     a = results_a if isinstance(results_a, dict) else load_results(results_a)
     b = results_b if isinstance(results_b, dict) else load_results(results_b)
-    out: dict = {"label_a": a["label"], "label_b": b["label"], "same_protocol": a["protocol"] == b["protocol"],
-                 "benchmarks": {}}  # fmt: skip
+    out: dict = {
+        "label_a": a["label"],
+        "label_b": b["label"],
+        "same_protocol": a["protocol"] == b["protocol"],
+        "benchmarks": {},
+    }
     for bench in [x for x in a["benchmarks"] if x in b["benchmarks"]]:
         rate = {
             side: {r["id"]: np.mean([s["correct"] for s in r["samples"]]) for r in res["benchmarks"][bench]["problems"]}
             for side, res in (("a", a), ("b", b))
         }
         ids = [i for i in rate["a"] if i in rate["b"]]
-        test = paired_test(np.array([rate["a"][i] for i in ids]), np.array([rate["b"][i] for i in ids]),
-                           n_boot=n_boot, seed=seed)  # fmt: skip
+        test = paired_test(
+            np.array([rate["a"][i] for i in ids]), np.array([rate["b"][i] for i in ids]), n_boot=n_boot, seed=seed
+        )
         test["unmatched"] = len(rate["a"]) + len(rate["b"]) - 2 * len(ids)
         out["benchmarks"][bench] = test
     return out
