@@ -59,8 +59,9 @@ def _one_process(command: str) -> Callable[[SSBConfig, dict[str, Any]], None]:
 
 def _stage_command(stage: Stage) -> Command:
     checks = (_protocol,) if stage.name == "eval" else ()
-    return Command(stage.name, stage.help, lambda cfg, **o: runner.run_stage(stage, cfg, **o), stage.flags,
-                   stage.modes, checks)  # fmt: skip
+    return Command(
+        stage.name, stage.help, lambda cfg, **o: runner.run_stage(stage, cfg, **o), stage.flags, stage.modes, checks
+    )
 
 
 def _demo(cfg: SSBConfig, **options: Any) -> int:

@@ -46,8 +46,14 @@ def trained_tokens(metrics: Path) -> int:
 
 def seed_config(cfg: SSBConfig, seed: int, run_dir: Path) -> SSBConfig:
     r = dataclasses.replace
-    return r(cfg, run_dir=str(run_dir), seed=seed, rollout=r(cfg.rollout, seed=seed),
-             curate=r(cfg.curate, seed=seed), train=r(cfg.train, seed=seed))  # fmt: skip
+    return r(
+        cfg,
+        run_dir=str(run_dir),
+        seed=seed,
+        rollout=r(cfg.rollout, seed=seed),
+        curate=r(cfg.curate, seed=seed),
+        train=r(cfg.train, seed=seed),
+    )
 
 
 def arm_config(cfg: SSBConfig, demo_dir: Path, name: str) -> SSBConfig:
@@ -161,8 +167,11 @@ def run_seed(cfg: SSBConfig, out: Path, seed: int) -> dict:
     t = time.perf_counter()
     if demo(scfg) != 0:
         raise RuntimeError(f"seed {seed}: the demo stopped before its report (see {demo_dir}/run.json)")
-    res = {"seed": seed, "demo_seconds": time.perf_counter() - t,
-           "ssb_trained_tokens": trained_tokens(RunLayout(demo_dir).metrics())}  # fmt: skip
+    res = {
+        "seed": seed,
+        "demo_seconds": time.perf_counter() - t,
+        "ssb_trained_tokens": trained_tokens(RunLayout(demo_dir).metrics()),
+    }
     report = json.loads(RunLayout(demo_dir).report("json").read_text())
     res.update(pairs=report["pairs"], stage_seconds=report["stage_seconds"], arms={})
     for name in ARMS:
@@ -184,8 +193,10 @@ def table(out: Path, seeds: list[dict]) -> str:
     """Markdown: per seed and model, what it trained on, tokens, pass@1 [95% CI], paired differences."""
     from ssb.eval.stats import load_results
 
-    rows = ["| seed | model | trained on | tokens | pass@1 [95% CI] | vs base (95% CI) | vs SSB (95% CI) |",
-            "|---|---|---|---:|---|---|---|"]  # fmt: skip
+    rows = [
+        "| seed | model | trained on | tokens | pass@1 [95% CI] | vs base (95% CI) | vs SSB (95% CI) |",
+        "|---|---|---|---:|---|---|---|",
+    ]
     for s in seeds:
         d = out / f"seed{s['seed']}"
         paths = {k: RunLayout(d).results(k) for k in ("base", "ssb", "sft")}
@@ -202,8 +213,10 @@ def table(out: Path, seeds: list[dict]) -> str:
             tok = s["ssb_trained_tokens"] if k in ("ssb", "sft") else arm.get("trained_tokens", "")
             lo, hi = p1["ci"]
             cells = [_diff(res, bench, ref, k) for ref in ("base", "ssb")]
-            rows.append(f"| {s['seed']} | {k} | {what} | {tok} | {100 * p1['value']:.1f} [{100 * lo:.1f}, "
-                        f"{100 * hi:.1f}] | {cells[0]} | {cells[1]} |")  # fmt: skip
+            rows.append(
+                f"| {s['seed']} | {k} | {what} | {tok} | {100 * p1['value']:.1f} [{100 * lo:.1f}, "
+                f"{100 * hi:.1f}] | {cells[0]} | {cells[1]} |"
+            )
     return "\n".join(rows) + "\n"
 
 

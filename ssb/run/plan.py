@@ -89,13 +89,15 @@ def _nothing_to_distil(cfg: SSBConfig) -> str | None:
     roll = json.loads(layout.rollout_stats.read_text())
     s, by = roll["samples"], roll["problems_by_correct"]
     curated = {k: v for k, v in cur["status_counts"].items() if v and k not in ("no_correct", "no_wrong")}
-    fixes = [fix for fix, helps in [  # only what the counts say could help
+    candidates = [  # (fix, whether the counts say it could help)
         ("grading.mode=flexible", cfg.grading.mode == "strict" and s["no_answer"] > 0),
         ("more rollout.max_new_tokens", s["truncated"] > 0),
         ("an easier data.source", by["none_correct"] > 0),
         ("more curate.attempts", by["mixed"] > 0),
         ("a harder data.source or a larger rollout.k", by["all_correct"] > 0),
-    ] if helps] or ["a data.source, data.split and data.limit that hold problems"]  # fmt: skip
+    ]
+    fixes = [fix for fix, helps in candidates if helps]
+    fixes = fixes or ["a data.source, data.split and data.limit that hold problems"]
     return (
         f"0 pairs to distil from {roll['problems']} problems x {roll['k']} samples under grading.mode="
         f"{cfg.grading.mode}: {by['none_correct']} problems had no correct sample, {by['all_correct']} no wrong one, "

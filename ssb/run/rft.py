@@ -41,8 +41,14 @@ def correct_rollouts(cfg: SSBConfig) -> list[dict]:
         first = next((r for r in sorted(by_id[p["id"]], key=lambda r: r["sample"]) if r["correct"]), None)
         if first is not None:
             reply = {"role": "assistant", "content": first["text"]}
-            out.append({"id": p["id"], "sample": first["sample"], "answer": p["answer"],
-                        "messages": [*student_messages(p["question"]), reply]})  # fmt: skip
+            out.append(
+                {
+                    "id": p["id"],
+                    "sample": first["sample"],
+                    "answer": p["answer"],
+                    "messages": [*student_messages(p["question"]), reply],
+                }
+            )
     return out
 
 
@@ -55,9 +61,17 @@ def ce_examples(rows: list[dict], tokenizer) -> list:
     for i, row in enumerate(rows):
         p_ids, r_ids = prompt_ids(tokenizer, row["messages"][:-1]), reply_ids(tokenizer, row["messages"][-1]["content"])
         tokens = torch.tensor(r_ids, dtype=torch.long)  # (R,)
-        out.append(DistillExample(example_index=i, input_ids=torch.tensor(p_ids + r_ids[:-1], dtype=torch.long),
-                                  reply_start=len(p_ids) - 1, token_ids=tokens, topk_ids=tokens[:, None],
-                                  topk_logprobs=torch.zeros(len(r_ids), 1), lse_t=torch.zeros(len(r_ids))))  # fmt: skip
+        out.append(
+            DistillExample(
+                example_index=i,
+                input_ids=torch.tensor(p_ids + r_ids[:-1], dtype=torch.long),
+                reply_start=len(p_ids) - 1,
+                token_ids=tokens,
+                topk_ids=tokens[:, None],
+                topk_logprobs=torch.zeros(len(r_ids), 1),
+                lse_t=torch.zeros(len(r_ids)),
+            )
+        )
     return out
 
 
@@ -73,7 +87,10 @@ def train_rft(cfg: SSBConfig, match: str) -> int:
     per_step = sum(int(ex.token_ids.numel()) for ex in examples) / len(examples) * cfg.train.batch_size
     steps = max(1, round(target / (per_step * cfg.train.grad_accum)))
     rcfg = rft_config(cfg)
-    train(dataclasses.replace(rcfg, train=dataclasses.replace(rcfg.train, max_steps=steps)), cfg.run_dir,
-          examples=examples)  # fmt: skip
+    train(
+        dataclasses.replace(rcfg, train=dataclasses.replace(rcfg.train, max_steps=steps)),
+        cfg.run_dir,
+        examples=examples,
+    )
     atomic_write_jsonl(layout.train(RFT) / "pairs.jsonl", rows)
     return 0

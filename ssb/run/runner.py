@@ -163,7 +163,9 @@ def run(cfg: SSBConfig, *, from_stage: str | None = None) -> int:
     stopped on purpose (nothing to distil) returns :data:`EXIT_STOPPED`."""
     manifest = run_pipeline(cfg, from_stage=from_stage)
     if manifest.get("stopped"):
-        print(f"ssb run: stopped after {manifest['stopped']['after']} (see {RunLayout(cfg.run_dir).manifest})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ssb run: stopped after {manifest['stopped']['after']} (see {RunLayout(cfg.run_dir).manifest})",
+            file=sys.stderr,
+        )
         return EXIT_STOPPED
     return 0
