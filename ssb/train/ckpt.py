@@ -36,8 +36,11 @@ def train_state(cfg: SSBConfig, run_dir: Path, examples: Sequence | None = None)
     the token ids of ``examples`` given directly."""
     # what is only reported (trackers, log cadence) does not change the training: a new tracker resumes
     reported = replace(cfg.train, report_to=(), log_every=1)
-    state = {"model": config_hash(cfg.model), "weights": weights_stamp(cfg.model.name_or_path),
-             "train": config_hash(reported)}  # fmt: skip
+    state = {
+        "model": config_hash(cfg.model),
+        "weights": weights_stamp(cfg.model.name_or_path),
+        "train": config_hash(reported),
+    }
     if examples is not None:
         ids = b"".join(ex.input_ids.cpu().numpy().tobytes() + b"|" for ex in examples)
         return {**state, "examples": hashlib.sha256(ids).hexdigest()[:16]}
@@ -49,8 +52,9 @@ def train_state(cfg: SSBConfig, run_dir: Path, examples: Sequence | None = None)
     return {**state, "inputs": inputs}
 
 
-def claim_train_dir(cfg: SSBConfig, run_dir: Path, examples: Sequence | None, *, resume: bool, rank: int,
-                    world: int) -> bool:  # fmt: skip
+def claim_train_dir(
+    cfg: SSBConfig, run_dir: Path, examples: Sequence | None, *, resume: bool, rank: int, world: int
+) -> bool:
     """Whether ``RUN_DIR/<train.output_subdir>`` holds this training's work to resume (``resume`` and the same
     :func:`train_state`); otherwise rank 0 moves what it holds aside (``train.stale-<time>/``, never deleted).
     Every rank gets rank 0's answer. Called once the examples and the model loaded."""

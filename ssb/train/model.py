@@ -189,9 +189,15 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
     kd = ce = zero
     if batch.teacher_hidden is not None:
         return hidden_loss_sums(h, weight, batch, train_cfg)
-    kd_args = dict(lse_t=batch.lse_t, temperature=train_cfg.kd_temperature, variant=train_cfg.variant,
-                   reduction="sum", impl=train_cfg.loss_impl, divergence=train_cfg.divergence,
-                   beta=train_cfg.jsd_beta)  # fmt: skip
+    kd_args = dict(
+        lse_t=batch.lse_t,
+        temperature=train_cfg.kd_temperature,
+        variant=train_cfg.variant,
+        reduction="sum",
+        impl=train_cfg.loss_impl,
+        divergence=train_cfg.divergence,
+        beta=train_cfg.jsd_beta,
+    )
     if train_cfg.kd_weight != 0 and train_cfg.ce_weight != 0:
         kd, ce = sparse_kd_ce_loss(h, weight, batch.topk_ids, batch.topk_logprobs, batch.token_ids.long(), **kd_args)
     elif train_cfg.kd_weight != 0:
@@ -218,12 +224,27 @@ def hidden_loss_sums(h: torch.Tensor, weight: torch.Tensor, batch: Batch, train_
 
     kd = ce = h.new_zeros((), dtype=torch.float32)
     if train_cfg.kd_weight != 0:
-        kd = hidden_kd_loss(h, weight, batch.teacher_hidden.to(h.dtype), temperature=train_cfg.kd_temperature,
-                            divergence=train_cfg.divergence, beta=train_cfg.jsd_beta, reduction="sum",
-                            impl=train_cfg.loss_impl)  # fmt: skip
+        kd = hidden_kd_loss(
+            h,
+            weight,
+            batch.teacher_hidden.to(h.dtype),
+            temperature=train_cfg.kd_temperature,
+            divergence=train_cfg.divergence,
+            beta=train_cfg.jsd_beta,
+            reduction="sum",
+            impl=train_cfg.loss_impl,
+        )
     if train_cfg.ce_weight != 0:
         ids = batch.token_ids.long()[:, None]
-        ce = sparse_kd_loss(h, weight, ids, torch.zeros_like(ids, dtype=torch.float32),
-                            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32), temperature=1.0,
-                            variant="tail", reduction="sum", impl=train_cfg.loss_impl)  # fmt: skip
+        ce = sparse_kd_loss(
+            h,
+            weight,
+            ids,
+            torch.zeros_like(ids, dtype=torch.float32),
+            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32),
+            temperature=1.0,
+            variant="tail",
+            reduction="sum",
+            impl=train_cfg.loss_impl,
+        )
     return LossSums(kd=kd.float(), ce=ce.float())

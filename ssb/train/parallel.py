@@ -107,6 +107,11 @@ def load_sharded(ckpt_dir: Path, peft_model: nn.Module, optimizer: torch.optim.O
 
     state = _state_dicts(peft_model, optimizer)
     dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
-    set_state_dict(peft_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
+    set_state_dict(
+        peft_model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
     # strict=False: the frozen base is not in the checkpoint; dcp.load above already failed on any missing LoRA key
