@@ -41,8 +41,8 @@ def _compact_copy(src, out: Path):
 @torch.no_grad()
 def _kd_sums(cfg, run_dir: Path, temperature: float) -> float:
     from ssb.train.data import collate
-    from ssb.train.loop import load_examples
     from ssb.train.model import StudentBody, attach_lora, build_base, distill_loss_sums, lm_head_weight
+    from ssb.train.stores import load_examples
 
     tcfg = dataclasses.replace(cfg.train, kd_temperature=temperature, kd_weight=1.0, ce_weight=0.0)
     cfg = dataclasses.replace(cfg, train=tcfg)

@@ -18,7 +18,7 @@ from test_curation import PROBLEMS, make_run
 from ssb.config import ConfigError, load_config
 from ssb.core.files import InputError
 from ssb.onpolicy import SAMPLE_COUNTS, STATUSES, run, select_sequences
-from ssb.train.loop import check_one_teacher
+from ssb.train.stores import check_one_teacher
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 

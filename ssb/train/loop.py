@@ -48,7 +48,7 @@ from ssb.train.data import (
 )
 from ssb.train.model import attach_lora, build_base, distill_loss_sums, lm_head_weight
 from ssb.train.parallel import save_adapter, wrap_body
-from ssb.train.stores import check_hidden_heads, check_one_kind, open_stores
+from ssb.train.stores import check_hidden_heads, load_examples, open_stores
 
 
 @dataclass
@@ -123,39 +123,6 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float, devi
 
         return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise AssertionError(f"train.optimizer={name!r} passed the config's choices")  # load_config checks them
-
-
-def load_examples(cfg: SSBConfig, run_dir: Path, stores: list | None = None) -> list[Example]:
-    """Student-view examples with teacher targets from ``RUN_DIR/capture`` + ``RUN_DIR/curate/student.jsonl``,
-    then those of every ``train.extra_runs`` directory (the earlier rounds of ``rounds=R``), in that order."""
-    from ssb.core.models import load_tokenizer
-    from ssb.store import build_student_examples
-
-    tokenizer = load_tokenizer(cfg.model)
-    examples: list[Example] = []
-    stores = open_stores(cfg, run_dir) if stores is None else stores
-    if not cfg.distill.allow_teacher_mix:
-        check_one_teacher(stores)
-    check_one_kind(stores)
-    for d, store in zip((run_dir, *cfg.train.extra_runs), stores):
-        examples += build_student_examples(store, RunLayout(d).curate_student, tokenizer, cfg.train.kd_temperature)
-    return examples
-
-
-def check_one_teacher(stores) -> None:
-    """Every store's targets come from one teacher and template (Lightning OPD: a teacher that changes between
-    stages adds an irreducible bias), compared on the identity keys both manifests record; else InputError."""
-    from ssb.core.files import InputError
-
-    first = stores[0]
-    a = first.manifest.get("teacher") or {"model": first.manifest["model"]["id"]}
-    for store in stores[1:]:
-        b = store.manifest.get("teacher") or {"model": store.manifest["model"]["id"]}
-        diff = sorted(key for key in a.keys() & b.keys() if a[key] != b[key])
-        if diff:
-            raise InputError(f"{store.path}/manifest.json: teacher {', '.join(diff)} differ from {first.path} "
-                             f"({', '.join(f'{k}: {b[k]!r} vs {a[k]!r}' for k in diff)}); set "
-                             "distill.allow_teacher_mix=true to train on both anyway")  # fmt: skip
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -255,17 +222,7 @@ def train(
     layout, sub = RunLayout(run_dir), cfg.train.output_subdir
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     trainable = [p for p in s.peft_model.parameters() if p.requires_grad]
-    if s.is_main:
-        s.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, s.out_dir)
-        print(
-            f"ssb train: {len(s.examples)} examples, {s.total_steps} steps, global batch {s.global_batch} "
-            f"({s.world} rank(s))\n{facts_table(s.facts)}",
-            file=sys.stderr,
-        )
-    tracker = (
-        open_tracker(tc.report_to, s.out_dir, run_name=str(run_dir), config=config_to_dict(cfg)) if s.is_main else None
-    )
+    tracker = _open_outputs(s, run_dir)
     bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", disable=not s.is_main, dynamic_ncols=True)
     stopped = False
     for step in range(s.start_step, s.total_steps):
@@ -286,8 +243,7 @@ def train(
         scale = s.world / n_window
 
         # ---- forward/backward, accumulating; gradients synchronise on the last micro-batch only
-        # kd, ce, teacher top-k mass at T, reply tokens, examples, input tokens, teacher top-k mass at T = 1
-        stats = torch.zeros(7, dtype=torch.float64, device=dev)
+        stats = torch.zeros(len(STATS), dtype=torch.float64, device=dev)
         for j, b in enumerate(batches):
             b = b.to(dev)
             sync = j == len(batches) - 1 or s.world == 1
@@ -297,18 +253,7 @@ def train(
                 sums = distill_loss_sums(hidden, s.weight, b, tc)
                 loss = (tc.kd_weight * sums.kd + tc.ce_weight * sums.ce) * scale
                 loss.backward()
-            mass_t, mass_1 = s.teacher_mass.sums(b, micro[j], s.weight, tc.kd_temperature)
-            stats += torch.stack(
-                [
-                    sums.kd.detach().double(),
-                    sums.ce.detach().double(),
-                    torch.as_tensor(mass_t, dtype=torch.float64, device=dev),
-                    b.reply_lens.sum().double().to(dev),
-                    torch.tensor(float(len(b.reply_lens)), dtype=torch.float64, device=dev),
-                    torch.tensor(float(b.n_input_tokens), dtype=torch.float64, device=dev),
-                    torch.as_tensor(mass_1, dtype=torch.float64, device=dev),
-                ]
-            )
+            stats += _batch_stats(s, sums, b, micro[j])
 
         # ---- clip, step
         max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -319,26 +264,8 @@ def train(
         s.optimizer.zero_grad(set_to_none=True)
 
         # ---- log
-        stats = all_reduce_sum(stats, s.world).tolist()
-        n = float(n_window)
-        step_time = time.perf_counter() - t0
-        record = {
-            "step": step,
-            "epoch": (step + 1) * s.global_batch / len(s.examples),
-            "loss": (tc.kd_weight * stats[0] + tc.ce_weight * stats[1]) / n,
-            "kd_loss": stats[0] / n,
-            "ce_loss": stats[1] / n,
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "distilled_tokens": int(n),
-            "input_tokens": int(stats[5]),
-            "distilled_tokens_per_s": n / step_time,
-            "step_time_s": step_time,
-            "peak_memory_mb": peak_memory_mb(dev),
-            "completion_length": stats[3] / stats[4],
-            s.teacher_mass.key: stats[2] / n,  # at the training T (TeacherMass says how it is formed)
-            "teacher_topk_mass_t1": stats[6] / n,
-        }
+        stats = dict(zip(STATS, all_reduce_sum(stats, s.world).tolist(), strict=True))
+        record = _record(s, step, stats, float(n_window), float(grad_norm), lr, time.perf_counter() - t0)
         if s.is_main and (step % tc.log_every == 0 or step == s.total_steps - 1):
             append_jsonl(layout.metrics(sub), [record])
             if tracker is not None:  # train.report_to: the same figures (ssb.core.tracking)
@@ -348,18 +275,7 @@ def train(
 
         # ---- checkpoint
         if tc.save_every > 0 and (step + 1) % tc.save_every == 0:
-            barrier = dist.barrier if s.world > 1 else (lambda: None)
-            save_checkpoint(
-                layout.checkpoints(sub),
-                step + 1,
-                s.peft_model,
-                s.optimizer,
-                s.scheduler,
-                rank=s.rank,
-                world=s.world,
-                barrier=barrier,
-                extra={"total_steps": s.total_steps, "global_batch": s.global_batch},
-            )
+            _checkpoint(s, layout.checkpoints(sub), step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             stopped = True
             break
@@ -367,15 +283,93 @@ def train(
     if tracker is not None:
         tracker.close()
 
-    # ---- final adapter (standard PEFT format) + resolved config
-    adapter_dir = layout.adapter(sub)
+    # ---- final adapter (standard PEFT format) + the run's facts
+    return _finish(s, layout.adapter(sub), stopped)
+
+
+def _finish(s: Setup, adapter_dir: Path, stopped: bool) -> Path:
+    """Unless ``stopped`` early: the adapter (FSDP: every rank gathers the LoRA state) and ``train_facts.json``."""
     if not stopped:
-        save_adapter(s.peft_model, adapter_dir, rank=s.rank)  # FSDP: every rank gathers the LoRA state
+        save_adapter(s.peft_model, adapter_dir, rank=s.rank)
     if s.is_main and not stopped:
         atomic_write_json(s.out_dir / "train_facts.json", s.facts)
     if s.world > 1:
         dist.barrier()
     return adapter_dir
+
+
+def _open_outputs(s: Setup, run_dir: str | Path):
+    """On the main rank: the output directory, its resolved config, the run's header line and the tracker
+    (``train.report_to``); None elsewhere."""
+    if not s.is_main:
+        return None
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(s.cfg, s.out_dir)
+    print(
+        f"ssb train: {len(s.examples)} examples, {s.total_steps} steps, global batch {s.global_batch} "
+        f"({s.world} rank(s))\n{facts_table(s.facts)}",
+        file=sys.stderr,
+    )
+    return open_tracker(s.cfg.train.report_to, s.out_dir, run_name=str(run_dir), config=config_to_dict(s.cfg))
+
+
+# One micro-batch's sums, in this order (summed over the window and the ranks): kd, ce, teacher top-k mass at T,
+# reply tokens, examples, input tokens, teacher top-k mass at T = 1
+STATS = ("kd", "ce", "mass_t", "reply_tokens", "examples", "input_tokens", "mass_1")
+
+
+def _batch_stats(s: Setup, sums, b, rows: list[int]) -> torch.Tensor:
+    """(len(STATS),) float64 on the device: one micro-batch ``b`` (of examples ``rows``)'s contribution."""
+    mass_t, mass_1 = s.teacher_mass.sums(b, rows, s.weight, s.cfg.train.kd_temperature)
+    f64 = dict(dtype=torch.float64, device=s.device)
+    return torch.stack(
+        [
+            sums.kd.detach().double(),
+            sums.ce.detach().double(),
+            torch.as_tensor(mass_t, **f64),
+            b.reply_lens.sum().double().to(s.device),
+            torch.tensor(float(len(b.reply_lens)), **f64),
+            torch.tensor(float(b.n_input_tokens), **f64),
+            torch.as_tensor(mass_1, **f64),
+        ]
+    )
+
+
+def _record(s: Setup, step: int, stats: dict, n: float, grad_norm: float, lr: float, step_time: float) -> dict:
+    """One ``metrics.jsonl`` line: ``stats`` are the window's sums over all ranks, ``n`` its distilled tokens."""
+    tc = s.cfg.train
+    return {
+        "step": step,
+        "epoch": (step + 1) * s.global_batch / len(s.examples),
+        "loss": (tc.kd_weight * stats["kd"] + tc.ce_weight * stats["ce"]) / n,
+        "kd_loss": stats["kd"] / n,
+        "ce_loss": stats["ce"] / n,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "distilled_tokens": int(n),
+        "input_tokens": int(stats["input_tokens"]),
+        "distilled_tokens_per_s": n / step_time,
+        "step_time_s": step_time,
+        "peak_memory_mb": peak_memory_mb(s.device),
+        "completion_length": stats["reply_tokens"] / stats["examples"],
+        s.teacher_mass.key: stats["mass_t"] / n,  # at the training T (TeacherMass says how it is formed)
+        "teacher_topk_mass_t1": stats["mass_1"] / n,
+    }
+
+
+def _checkpoint(s: Setup, checkpoints: Path, steps_done: int) -> None:
+    """Every rank saves its part of the state after ``steps_done`` optimizer steps (ssb.train.ckpt)."""
+    save_checkpoint(
+        checkpoints,
+        steps_done,
+        s.peft_model,
+        s.optimizer,
+        s.scheduler,
+        rank=s.rank,
+        world=s.world,
+        barrier=dist.barrier if s.world > 1 else (lambda: None),
+        extra={"total_steps": s.total_steps, "global_batch": s.global_batch},
+    )
 
 
 def run(cfg: SSBConfig, *, resume: bool = False, dry_run: bool = False) -> int:
