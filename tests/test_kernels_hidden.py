@@ -208,10 +208,15 @@ def test_interpreter_suite():
     run_under_interpreter(__file__, timeout=1500)
 
 
+# Each interpreter case costs ~15 s of CPU: a Latin square over (dtype, divergence) x regime, so every dtype meets
+# every divergence and every regime (leads 60 / 20 / 0, same or different tokens, T = 1 / 2) once, in 9 cases.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REGIMES = [(60.0, True, 1.0), (20.0, False, 2.0), (0.0, True, 2.0)]
+LATIN = [(*REGIMES[(i + j) % 3], div, dt) for i, dt in enumerate(DTYPES) for j, div in enumerate(DIVS)]
+
+
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("divergence", DIVS)
-@pytest.mark.parametrize("lead,same,temperature", [(60.0, True, 1.0), (20.0, False, 2.0), (0.0, True, 2.0)])
+@pytest.mark.parametrize("lead,same,temperature,divergence,dtype", LATIN, ids=str)
 def test_triton_every_dtype_matches_float64(lead, same, temperature, divergence, dtype):
     inputs = make_pair(40, 24, 1003, lead, lead, same, 1)
     check(triton, inputs, KDOptions(temperature, reduction="none", divergence=divergence, **SMALL), dtype)
@@ -221,12 +226,13 @@ def test_triton_every_dtype_matches_float64(lead, same, temperature, divergence,
 # and G = sum p W - sum q W cancels between the two accumulator rows; their E is rounded to bf16 for the addmm,
 # and the cancellation amplifies that rounding: worst row 0.16-0.18 relative (forward KL) against the 2u bound.
 # The chunked path keeps E in fp32 and passes (0.0025). Not yet fixed (an fp32 or hi/lo-split E would).
-BF16_MISS = pytest.mark.xfail(reason="bf16 E rounding amplified by p ~ q cancellation (see above)", strict=False)
+# Strict: the case must keep failing until the fix lands, then this marker goes.
+BF16_MISS = pytest.mark.xfail(reason="bf16 E rounding amplified by p ~ q cancellation (see above)", strict=True)
+LATE = [(div, torch.float32) for div in DIVS] + [pytest.param("forward_kl", torch.bfloat16, marks=BF16_MISS)]
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16_MISS)], ids=str)
-@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("divergence,dtype", LATE, ids=str)
 def test_triton_late_jump_masks_and_mean(divergence, dtype):
     inputs = with_late_jump(make_pair(40, 24, 1003, 10.0, 5.0, True, 2), 25.0)
     mask = torch.arange(40) % 5 != 2
