@@ -90,11 +90,18 @@ def skip_reason(shape: KDShape, provider: str, dev: torch.device) -> str | None:
             return f"{_MODULES[provider]} is not installed (make bench-peers installs it into .peers/)"
     if provider == "torch-lce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
         return f"torch {torch.__version__} has no F.linear_cross_entropy (>= 2.13)"
-    if provider == "eager" and cuda:
-        need = 5 * shape.n * shape.v * 4  # ~5 fp32 (N, V) tensors alive in eager fwd+bwd
-        if need > 0.8 * torch.cuda.get_device_properties(0).total_memory:
-            return f"eager would need ~{need / 2**30:.0f} GiB of (N, V) logits"
+    # ~5 fp32 (N, V) tensors alive in eager fwd+bwd; ~10 in hidden-eager (the teacher's and the student's)
+    tensors = {"eager": 5, "hidden-eager": 10}.get(provider)
+    if tensors is not None:
+        need = tensors * shape.n * shape.v * 4
+        have = torch.cuda.get_device_properties(0).total_memory if cuda else _host_memory()
+        if need > (0.8 if cuda else 0.4) * have:
+            return f"{provider} would need ~{need / 2**30:.0f} GiB of (N, V) logits ({have / 2**30:.0f} GiB here)"
     return None
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _axolotl_loss_cls():
