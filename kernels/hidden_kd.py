@@ -8,12 +8,10 @@ between q and the student's p = softmax(h W^T / T), never materialising an (N, V
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .options import KDOptions, _check_finite, check_head, check_impl, head_shape
-from .reference import math_dtype, reduce_rows
+from .reference import log_mixture, math_dtype, reduce_rows
 
 
 def hidden_kd_loss(
@@ -89,15 +87,6 @@ def log_softmax_at_max(x: torch.Tensor) -> torch.Tensor:
     d = (x - x.gather(1, a)).scatter(1, a, 0.0)
     rest = d.exp().scatter(1, a, 0.0).sum(-1, keepdim=True)
     return d - torch.log1p(rest)
-
-
-def log_mixture(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m, m = beta q + (1 - beta) p, from log p and log q. Where p or q is above 1/2, as
-    log1p(beta expm1(lq) + (1 - beta) expm1(lp)): m_a's deficit from 1 survives when both are confident on a."""
-    near = torch.maximum(lp, lq) > -math.log(2.0)
-    far = torch.logaddexp(math.log(beta) + lq, math.log1p(-beta) + lp)
-    lpn, lqn = torch.where(near, lp, 0.0), torch.where(near, lq, 0.0)  # safe inputs: no inf/NaN gradient leaks
-    return torch.where(near, torch.log1p(beta * torch.expm1(lqn) + (1 - beta) * torch.expm1(lpn)), far)
 
 
 def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .options import KDOptions
-from .reference import math_dtype
+from .reference import log_mixture, math_dtype
 from .streamed import Blocking, addmm_acc_, blocking, logit_chunks
 
 NINF = float("-inf")
@@ -191,8 +191,6 @@ def finish(st: HiddenState, mode: str, weight: torch.Tensor, beta: float):
         loss = (b_ya - a_xa) - r1
         g = acc[:, 0].mul_(k((r1 + dac) * sz)).sub_(acc[:, 1] * k(sz)).add_(wa * k(r1 * p_a))
     else:
-        from .hidden_kd import log_mixture
-
         lp_a, lq_a = -a_xa, -b_ya
         lm_a = log_mixture(lp_a, lq_a, beta)
         r_a = lp_a - lm_a

@@ -32,6 +32,15 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(neg, out, torch.full_like(x, float("-inf")))
 
 
+def log_mixture(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m, m = beta q + (1 - beta) p, from log p and log q. Where p or q is above 1/2, as
+    log1p(beta expm1(lq) + (1 - beta) expm1(lp)): m_a's deficit from 1 survives when both are confident on a."""
+    near = torch.maximum(lp, lq) > -math.log(2.0)
+    far = torch.logaddexp(math.log(beta) + lq, math.log1p(-beta) + lp)
+    lpn, lqn = torch.where(near, lp, 0.0), torch.where(near, lq, 0.0)  # safe inputs: no inf/NaN gradient leaks
+    return torch.where(near, torch.log1p(beta * torch.expm1(lqn) + (1 - beta) * torch.expm1(lpn)), far)
+
+
 def derive_lse_t(
     topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float, vocab_size: int
 ) -> torch.Tensor:
