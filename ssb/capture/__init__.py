@@ -201,10 +201,10 @@ def write_store(
         "inputs": plan.inputs,
         "input_examples": plan.n_inputs,
     }
-    writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
     if cap.store_format == "hidden":  # exact at every temperature; the head it is exact for (ssb.store.hidden)
         header["hidden"] = backend.hidden_info()
         header["exact_temperatures"] = header["temperatures"]
+    writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
                          store_format=cap.store_format)  # fmt: skip
     ranks.barrier()  # every writer has dropped the stale temp files before any rank writes a new one
     if len(todo) < n_shards and ranks.is_main:
