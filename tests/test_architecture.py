@@ -202,11 +202,13 @@ def test_config_choices_match_their_owners():
     from ssb.core.grading import GRADING_MODES
     from ssb.core.models import DTYPE_NAMES, resolve_dtype
     from ssb.eval.protocols import PROTOCOLS
+    from ssb.store.format import STORE_FORMATS
 
     assert CHOICES["eval.protocol"] == tuple(PROTOCOLS)
     assert CHOICES["train.loss_impl"] is CHOICES["capture.kernel_impl"] is IMPLS
     assert (CHOICES["train.variant"], CHOICES["train.divergence"]) == (VARIANTS, DIVERGENCES)
     assert CHOICES["grading.mode"] == GRADING_MODES
+    assert set(CHOICES["capture.store_format"]) == set(STORE_FORMATS)  # core cannot import the store: kept equal here
     assert CHOICES["model.dtype"] == DTYPE_NAMES
     for name in DTYPE_NAMES:
         resolve_dtype(name, "cpu")
