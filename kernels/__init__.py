@@ -24,6 +24,7 @@ if __name__ == "ssb_kernels":
     # pipeline's config checks against) costs no torch import
     _EXPORTS = {
         "KDOptions": "options",
+        "derive_lse_t": "rowmath",
         "TopkOptions": "options",
         "hidden_kd_loss": "hidden_kd",
         "sparse_kd_ce_loss": "sparse_kd_ce",

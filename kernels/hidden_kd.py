@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .options import KDOptions, _check_finite, check_head, check_impl, head_shape
-from .reference import log_mixture, math_dtype, reduce_rows
+from .rowmath import log_mixture, math_dtype, reduce_rows
 
 
 def hidden_kd_loss(

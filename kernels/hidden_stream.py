@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .options import KDOptions
-from .reference import log_mixture, math_dtype
+from .rowmath import log_mixture, math_dtype
 from .streamed import Blocking, addmm_acc_, blocking, logit_chunks
 
 NINF = float("-inf")

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from .options import KDOptions, check_impl, check_kd_inputs, head_shape
-from .reference import derive_lse_t, row_losses_from_logp, student_logp_k
-from .rowmath import kd_coefficients
+from .rowmath import derive_lse_t, kd_coefficients, row_losses_from_logp, student_logp_k
 from .streamed import blocking, head_grad, off_results, stream
 from .streamed_kd import dh_of, operands, row_step
 

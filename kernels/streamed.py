@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import math_dtype
+from .rowmath import math_dtype
 
 HALF = (torch.float16, torch.bfloat16)
 

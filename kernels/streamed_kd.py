@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from .options import KDOptions
-from .reference import derive_lse_t, math_dtype, row_losses_from_logp, student_logp_k
-from .rowmath import kd_coefficients
+from .rowmath import derive_lse_t, kd_coefficients, math_dtype, row_losses_from_logp, student_logp_k
 from .streamed import blocking, head_grad, off_results, sparse_matvec, stream, torch_rows
 
 ROW_MATH_ROWS = 2048  # rows per block of the fp64 (rows, k) row math

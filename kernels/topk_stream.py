@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .options import TopkOptions
-from .reference import math_dtype
+from .rowmath import math_dtype
 from .streamed import Blocking, blocking, logit_chunks
 
 # CPU logit chunk for capture, in elements: 2^24 (64 MB in fp32; 8,192 columns at N = 2,048, what the capture used

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from ssb_kernels import KDOptions, sparse_kd_ce_loss, sparse_kd_loss
-from ssb_kernels.reference import QT_FLOOR
+from ssb_kernels.rowmath import QT_FLOOR
 from ssb_kernels.streamed_kd import sparse_kd_chunked
 
 DIVS = ("forward_kl", "reverse_kl", "jsd")

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from ssb_kernels.reference import derive_lse_t
+from ssb_kernels import derive_lse_t
 
 from ssb.store import StoreError, StoreExample, StoreWriter, TeacherStore, check_store, lse_for
 from ssb.store.format import MANIFEST, lse_key, shard_name
@@ -163,7 +163,7 @@ def test_lse_key_is_stable():
 
 
 def test_the_tail_approximation_is_exact_for_full_support_and_bounded_otherwise():
-    """The c_T a store falls back on (``ssb_kernels.reference.derive_lse_t``, via ``lse_for``)."""
+    """The c_T a store falls back on (``ssb_kernels.derive_lse_t``, via ``lse_for``)."""
     gen = torch.Generator().manual_seed(2)
     logp = torch.log_softmax(torch.randn(6, V, generator=gen, dtype=torch.float64) * 2, -1)
     all_ids = torch.arange(V).expand(6, V)

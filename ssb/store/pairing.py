@@ -44,12 +44,12 @@ class DistillExample:
 
 def lse_for(store: TeacherStore, temperature: float, example: StoreExample) -> torch.Tensor:
     """``c_T`` for ``example`` (R,) float32: exact when captured, else SPEC section 1's one-token-tail approximation
-    (``ssb_kernels.reference.derive_lse_t`` in float64, the one implementation of it), with a warning.
+    (``ssb_kernels.derive_lse_t`` in float64, the one implementation of it), with a warning.
 
     ``ssb.config`` refuses a ``train.kd_temperature`` outside ``capture.temperatures`` unless
     ``train.approximate_c_t`` opts in; a vLLM-captured store holds T = 1 only and lands here for T != 1.
     """
-    from ssb_kernels.reference import derive_lse_t
+    from ssb_kernels import derive_lse_t
 
     t = float(temperature)
     if example.hidden is not None:  # a hidden store: the loss forms c_T from the hidden states, nothing to look up
