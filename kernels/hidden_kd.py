@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import KDOptions, _check_finite, check_head, check_impl, head_shape
+from .options import KDOptions, check_finite, check_head, check_impl, head_shape
 from .rowmath import log_mixture, math_dtype, reduce_rows
 
 
@@ -68,7 +68,7 @@ def check_hidden_inputs(hidden, weight, teacher_hidden, mask, *, finite: bool) -
     if teacher_hidden.device != hidden.device:
         raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but hidden is on {hidden.device}")
     if finite:
-        _check_finite("teacher_hidden", teacher_hidden)
+        check_finite("teacher_hidden", teacher_hidden)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.shape != (hidden.shape[0],):
             raise ValueError(f"mask must be a (N={hidden.shape[0]},) tensor, got {getattr(mask, 'shape', mask)}")

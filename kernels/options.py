@@ -99,7 +99,7 @@ def _check_float(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def _check_finite(name: str, x: torch.Tensor, block: int = 1 << 20) -> None:
+def check_finite(name: str, x: torch.Tensor, block: int = 1 << 20) -> None:
     """NaN/inf scan in blocks of ``block`` elements: no temporary the size of ``x`` (e.g. a 600 MB head)."""
     flat = x.reshape(-1)
     for i in range(0, flat.numel(), block):
@@ -121,8 +121,8 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, *, finite: bool) -> N
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one vocabulary row")
     if finite:
-        _check_finite("hidden", hidden)
-        _check_finite("weight", weight)
+        check_finite("hidden", hidden)
+        check_finite("weight", weight)
 
 
 def check_kd_inputs(
@@ -167,11 +167,11 @@ def check_kd_inputs(
             raise ValueError(f"topk_ids must lie in [0, V={v}) or be -1 (padding); found range [{lo}, {hi}]")
         valid = topk_ids >= 0
         if finite:
-            _check_finite("topk_logprobs (at valid ids)", topk_logprobs[valid])
+            check_finite("topk_logprobs (at valid ids)", topk_logprobs[valid])
             if bool((topk_logprobs[valid] > 1e-3).any()):
                 raise ValueError("topk_logprobs must be log-probabilities (<= 0) at valid ids")
             if lse_t is not None:
-                _check_finite("lse_t", lse_t)
+                check_finite("lse_t", lse_t)
         # duplicate valid ids would double-count a token: sort each row and compare neighbours (O(N k log k))
         s = torch.sort(topk_ids.long(), dim=1).values
         if k > 1 and bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any()):
