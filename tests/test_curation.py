@@ -202,7 +202,7 @@ def test_malformed_rollout_line_is_reported(tmp_path):
 
 def test_attempts_keep_the_first_correct_robust_solution():
     """curate.attempts=N samples N robust solutions; the first correct one is kept, every verdict recorded."""
-    from ssb.curate import _generate_batch
+    from ssb.curate import generate_batch
 
     class Attempts:
         tokenizer = None
@@ -218,7 +218,7 @@ def test_attempts_keep_the_first_correct_robust_solution():
     texts = ["\\boxed{5}", "no box", "\\boxed{4} careful", "\\boxed{4} again"]
     for n, status, attempt in [(1, "robust_wrong", 0), (2, "robust_wrong", 0), (4, "kept", 2)]:
         sampling = Sampling(n=n, temperature=0.4, top_k=50, top_p=1.0, max_new_tokens=8, seed=0)
-        (rec,) = _generate_batch(Attempts(texts), [(problem, choice)], sampling, None)
+        (rec,) = generate_batch(Attempts(texts), [(problem, choice)], sampling, None)
         assert (rec["status"], rec["attempt"]) == (status, attempt)
         assert rec["attempt_statuses"] == [judge_solution(t, "stop", "4") for t in texts[:n]]
         assert rec["solution"] == texts[attempt]

@@ -151,7 +151,7 @@ def run_curation(
         lo = start
         while lo < len(candidates) and kept < target:
             chunk = candidates[lo : lo + batch]
-            new = _generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, Judge.from_config(cfg))
+            new = generate_batch(engine, chunk, sampling, cfg.engine.max_model_len, Judge.from_config(cfg))
             append_jsonl(path, new)
             decisions.extend(new)
             kept += sum(d["status"] == "kept" for d in new)
@@ -168,7 +168,7 @@ def run_curation(
     return _finish(cfg, layout, problems, status, candidates, decisions, by_id)
 
 
-def _generate_batch(
+def generate_batch(
     engine: Engine, chunk: list, sampling: Sampling, max_model_len: int | None, judge: Judge = DEFAULT_JUDGE
 ) -> list[dict]:
     """Robust solutions for one batch of candidates from ``judge.prompts``' hinted view; one decision record each."""

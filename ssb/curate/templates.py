@@ -20,7 +20,7 @@ from ssb.core.files import InputError, atomic_write_json
 from ssb.core.output import table
 from ssb.core.prompts import TEMPLATES, student_messages
 from ssb.core.rollouts import grade_sample
-from ssb.curate import _generate_batch, choose_pair
+from ssb.curate import choose_pair, generate_batch
 from ssb.curate.judge import Judge, rejections
 from ssb.curate.premise import VERDICT_TEXT, premise_report
 from ssb.engines import Engine, Sampling, make_engine
@@ -85,7 +85,7 @@ def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: li
             decisions = [
                 rec
                 for lo in range(0, len(candidates), batch)
-                for rec in _generate_batch(
+                for rec in generate_batch(
                     engine, candidates[lo : lo + batch], sampling, cfg.engine.max_model_len, judge
                 )
             ]

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssb.store.format import _SHARD_RE, MANIFEST, shard_meta, shard_name, shard_problem
+from ssb.store.format import MANIFEST, SHARD_RE, shard_meta, shard_name, shard_problem
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def check_store(path: str | Path, fingerprint: str, n_shards: int) -> StoreCheck
     listed = {rec.get("file"): rec for rec in manifest.get("shards", [])} if ours else {}
     foreign = [MANIFEST] if (path / MANIFEST).exists() and not ours else []
     wanted = [shard_name(j) for j in range(n_shards)]
-    found = {f.name: _fingerprint(f) for f in sorted(path.iterdir()) if _SHARD_RE.match(f.name)}
+    found = {f.name: _fingerprint(f) for f in sorted(path.iterdir()) if SHARD_RE.match(f.name)}
     # another fingerprint's, or unreadable with no manifest of ours vouching for it: not ours to touch
     foreign += [n for n, fp in found.items() if n not in wanted or (n not in listed and fp != fingerprint)]
     todo: dict[int, str] = {}

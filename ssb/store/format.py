@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE_FORMATS = ("exact", "compact", "hidden")  # manifest "store_format" (absent: exact); readers accept all
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # bf16: hidden only
-_SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
+SHARD_RE = re.compile(r"^shard-(\d{5})\.safetensors$")
 
 
 class StoreError(ValueError):
