@@ -76,8 +76,12 @@ def plan_capture(cfg: SSBConfig, teacher_jsonl: str | Path, student_jsonl: str |
     prompts = template(cfg.curate.template).digest()  # teacher_sha256 already covers the rendered prompts
     settings = {"model": config_to_dict(m), "capture": config_to_dict(cfg.capture), "prompts": prompts}
     settings["weights"] = weights_stamp(m.name_or_path)  # a local model rewritten in place is captured afresh
-    inputs = {"teacher_jsonl": str(teacher_jsonl), "teacher_sha256": sha256_file(teacher_jsonl),
-              "student_jsonl": str(student_jsonl), "student_sha256": sha256_file(student_jsonl)}  # fmt: skip
+    inputs = {
+        "teacher_jsonl": str(teacher_jsonl),
+        "teacher_sha256": sha256_file(teacher_jsonl),
+        "student_jsonl": str(student_jsonl),
+        "student_sha256": sha256_file(student_jsonl),
+    }
     tok_info = {"hash": tokenizer_hash(tok), "chat_template": chat_template_hash(tok), "size": len(tok)}
     contents = [inputs["teacher_sha256"], inputs["student_sha256"]]  # not the paths: a moved run dir stays valid
     fingerprint = sha256_text(json.dumps([settings, contents, tok_info], sort_keys=True))[:16]
@@ -89,8 +93,13 @@ def teacher_identity(cfg: SSBConfig, tokenizer: dict) -> dict:
     hinted template and the chat template. Train refuses to mix stores that differ here, unless
     ``distill.allow_teacher_mix``."""
     m, hinted = cfg.model, template(cfg.curate.template).digest()
-    return {"model": m.name_or_path, "revision": m.revision, "weights": weights_stamp(m.name_or_path),
-            "template": hinted, "chat_template": tokenizer["chat_template"]}  # fmt: skip
+    return {
+        "model": m.name_or_path,
+        "revision": m.revision,
+        "weights": weights_stamp(m.name_or_path),
+        "template": hinted,
+        "chat_template": tokenizer["chat_template"],
+    }
 
 
 def capture(
@@ -126,8 +135,9 @@ def capture(
     state = check_store(out_dir, plan.fingerprint, n_shards)  # every rank reads the same directory
     if state.complete:
         if ranks.is_main:
-            print(f"[capture] {out_dir}: complete and up to date (every shard verified), nothing to do",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[capture] {out_dir}: complete and up to date (every shard verified), nothing to do", file=sys.stderr
+            )
         return TeacherStore(out_dir, verify=False).manifest
     own_backend = backend is None
     ranks.start()
@@ -137,8 +147,11 @@ def capture(
         if ranks.is_main:
             _set_aside(state)
             if ranks.world > 1 and n_shards < ranks.world:
-                print(f"[capture] {n_shards} shard(s) for {ranks.world} ranks: lower capture.shard_examples "
-                      f"({cfg.capture.shard_examples}) so that every rank has work", file=sys.stderr)  # fmt: skip
+                print(
+                    f"[capture] {n_shards} shard(s) for {ranks.world} ranks: lower capture.shard_examples "
+                    f"({cfg.capture.shard_examples}) so that every rank has work",
+                    file=sys.stderr,
+                )
         ranks.barrier()
         return write_store(cfg, plan, out_dir, backend, todo=sorted(state.todo), ranks=ranks)
     finally:
@@ -186,12 +199,20 @@ def write_store(
     if cap.store_format == "hidden":  # exact at every temperature; the head it is exact for (ssb.store.hidden)
         header["hidden"] = backend.hidden_info()
         header["exact_temperatures"] = header["temperatures"]
-    writer = StoreWriter(out_dir, header, k=k, value_dtype=cap.value_dtype, temperatures=backend.exact_temperatures,
-                         store_format=cap.store_format)  # fmt: skip
+    writer = StoreWriter(
+        out_dir,
+        header,
+        k=k,
+        value_dtype=cap.value_dtype,
+        temperatures=backend.exact_temperatures,
+        store_format=cap.store_format,
+    )
     ranks.barrier()  # every writer has dropped the stale temp files before any rank writes a new one
     if len(todo) < n_shards and ranks.is_main:
-        print(f"[capture] {n_shards - len(todo)}/{n_shards} shards already complete, capturing {len(todo)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"[capture] {n_shards - len(todo)}/{n_shards} shards already complete, capturing {len(todo)}",
+            file=sys.stderr,
+        )
     t0, n_tok = time.perf_counter(), 0
     desc = "capture" if ranks.world == 1 else f"capture rank {ranks.rank}"
     bar = tqdm(pending, desc=desc, unit="shard", file=sys.stderr)
