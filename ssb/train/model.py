@@ -203,24 +203,26 @@ def distill_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, 
     elif train_cfg.kd_weight != 0:
         kd = sparse_kd_loss(h, weight, batch.topk_ids, batch.topk_logprobs, **kd_args)
     elif train_cfg.ce_weight != 0:
-        ce = sparse_kd_loss(
-            h,
-            weight,
-            batch.token_ids[:, None],
-            torch.zeros_like(batch.token_ids[:, None], dtype=torch.float32),
-            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32),
-            temperature=1.0,
-            variant="tail",
-            reduction="sum",
-            impl=train_cfg.loss_impl,
-        )
+        ce = label_ce(h, weight, batch.token_ids, train_cfg.loss_impl)
     return LossSums(kd=kd.float(), ce=ce.float())
+
+
+def label_ce(h: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, impl: str) -> torch.Tensor:
+    """Summed cross-entropy of ``token_ids`` under the head, streamed: the KD loss against a one-hot teacher
+    (log p = 0 on the label, c_T = 0) at T = 1 is exactly -log q(label)."""
+    from ssb_kernels import sparse_kd_loss
+
+    ids = token_ids.long()[:, None]
+    zeros = torch.zeros_like(ids, dtype=torch.float32)
+    return sparse_kd_loss(
+        h, weight, ids, zeros, lse_t=zeros[:, 0], temperature=1.0, variant="tail", reduction="sum", impl=impl
+    )
 
 
 def hidden_loss_sums(h: torch.Tensor, weight: torch.Tensor, batch: Batch, train_cfg: TrainConfig) -> LossSums:
     """:func:`distill_loss_sums` for a hidden store: exact KD (``ssb_kernels.hidden_kd_loss``) and, weighted, CE
     from a separate one-hot pass. Shape: h (N, H), batch.teacher_hidden (N, H) -> scalars"""
-    from ssb_kernels import hidden_kd_loss, sparse_kd_loss
+    from ssb_kernels import hidden_kd_loss
 
     kd = ce = h.new_zeros((), dtype=torch.float32)
     if train_cfg.kd_weight != 0:
@@ -235,16 +237,5 @@ def hidden_loss_sums(h: torch.Tensor, weight: torch.Tensor, batch: Batch, train_
             impl=train_cfg.loss_impl,
         )
     if train_cfg.ce_weight != 0:
-        ids = batch.token_ids.long()[:, None]
-        ce = sparse_kd_loss(
-            h,
-            weight,
-            ids,
-            torch.zeros_like(ids, dtype=torch.float32),
-            lse_t=torch.zeros_like(batch.token_ids, dtype=torch.float32),
-            temperature=1.0,
-            variant="tail",
-            reduction="sum",
-            impl=train_cfg.loss_impl,
-        )
+        ce = label_ce(h, weight, batch.token_ids, train_cfg.loss_impl)
     return LossSums(kd=kd.float(), ce=ce.float())
