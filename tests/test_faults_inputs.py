@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssb.cli import EXIT_USER_ERROR, build_parser, main, parse_args
 from ssb.core.models import HUB_PROBE_TIMEOUT_S
@@ -157,6 +158,14 @@ def test_no_config_is_an_error_naming_the_flag(tmp_path, capsys, command):
     line = one_line(capsys)
     assert "no --config FILE given" in line and "a shipped config's name (toy" in line
     assert not (tmp_path / "run").exists()  # the paper's 3B defaults were never started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU measures the 3B architecture itself")
+def test_a_dry_run_of_a_model_too_large_for_the_cpu_is_one_line(tmp_path, capsys):
+    """``ssb train --dry-run`` with no config probes the paper's 3B architecture: on a CPU that is refused, named."""
+    assert main(["train", "--dry-run", f"run_dir={tmp_path / 'run'}"]) == EXIT_USER_ERROR
+    assert "train.dry_run_config: 3.1B parameters is too large to probe on CPU" in one_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_no_config_still_reports_a_bad_override_first(capsys):

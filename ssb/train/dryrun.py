@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ssb.config import SSBConfig, load_config, save_config
+from ssb.config import ConfigError, SSBConfig, load_config, save_config
 from ssb.core.files import atomic_write_json
 from ssb.core.layout import RunLayout
 
@@ -53,7 +53,7 @@ def load_arch(cfg: SSBConfig):
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"train.dry_run_config: cannot read {path}: {e}") from None
+        raise ConfigError(f"train.dry_run_config: cannot read {path}: {e}") from None
     return AutoConfig.for_model(**data)
 
 
@@ -217,7 +217,7 @@ def cpu_probe(cfg_path: Path, length: int, impl: str) -> tuple[bool, float]:
 def cpu_report(cfg: SSBConfig, impls: dict[str, str], run_dir: Path) -> dict:
     arch = load_arch(cfg)
     if n_params(arch) > 500e6:
-        raise ValueError(
+        raise ConfigError(
             f"train.dry_run_config: {n_params(arch) / 1e9:.1f}B parameters is too large to probe on CPU; on CPU use "
             "a tiny architecture, e.g. train.dry_run_config=model with the toy model (a GPU measures the real one)"
         )
