@@ -188,10 +188,14 @@ def _demo_report() -> dict:
         "seed": 0,
         "benchmark": "toy",
         "protocol": {"name": "toy"},
-        "ci95": {k: (0.1, 0.3) for k in ("base", "ssb", "sft")},
+        "ci95": {k: (0.1, 0.3) for k in ("base", "ssb", "sft", "rft")},
         "ssb_vs_base": paired,
         "ssb_vs_sft": paired,
-        **{k: 0.2 for k in ("base_pass1", "ssb_pass1", "sft_pass1", "hinted_pass1")},
+        "ssb_vs_rft": paired,
+        **{k: 0.2 for k in ("base_pass1", "ssb_pass1", "sft_pass1", "rft_pass1", "hinted_pass1")},
+        "rft_examples": 9,
+        "premise": {"line": "premise on 4 problems: hinted view better"},
+        "trained_tokens": {"ssb": 1234567, "sft": 1234000, "rft": 1233000},
         "hinted_attempts": 8,
         "rounds": [{}],
         "pairs": 12,
@@ -212,6 +216,7 @@ def test_demo_report_rounds_its_units():
     md = render_markdown(_demo_report(), "")
     assert "Throughput: rollout 1,402 tokens/s, train ssb 813 tokens/s." in md
     assert "Train peak memory 1.89 GB; process max RSS 2.37 GB." in md
+    assert "Trained tokens: ssb 1,234,567, sft 1,234,000, rft 1,233,000." in md
     assert "{" not in md and "1938.4" not in md and "1401.5" not in md
 
 
