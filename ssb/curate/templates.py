@@ -115,10 +115,11 @@ def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: li
 
 
 def best_template(rows: dict[str, dict]) -> str | None:
-    """The highest hinted accuracy among templates not cut more than the bare model (first in registry order on a
-    tie); None when no template qualifies."""
+    """The highest hinted accuracy among templates not cut more than the bare model; on a tie the one cut least,
+    then the first in registry order; None when no template qualifies."""
     ok = [n for n, r in rows.items() if r["premise"]["verdict"] in ("better", "not_more_accurate")]
-    return max(ok, key=lambda n: rows[n]["premise"]["hinted"]["accuracy"]["value"], default=None)
+    hinted = {n: rows[n]["premise"]["hinted"] for n in ok}
+    return max(ok, key=lambda n: (hinted[n]["accuracy"]["value"], -hinted[n]["truncation"]["value"]), default=None)
 
 
 def render(result: dict) -> str:
