@@ -107,3 +107,14 @@ def vllm_engine(toy_model_dir):
             yield engine
         finally:
             engine.close()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second thread only adds contention on a shared 2-core runner."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -70,13 +70,7 @@ def make_examples(teacher_dir: Path, n: int, seed: int = 0) -> list[Ex]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds contention on a shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

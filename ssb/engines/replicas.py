@@ -49,9 +49,9 @@ class DataParallel:
             "tensor_parallel_size": self.tp,
         }
 
-    def share(self, n: int) -> list[int]:
-        """The conversations of a batch of ``n`` this replica generates."""
-        return list(range(self.replica, n, self.replicas))
+    def share(self, n: int, replica: int | None = None) -> list[int]:
+        """The conversations of a batch of ``n`` that ``replica`` (default: this process's) generates."""
+        return list(range(self.replica if replica is None else replica, n, self.replicas))
 
 
 def start() -> None:
@@ -104,6 +104,6 @@ def merge(dp: DataParallel, n: int, gathered: list[list]) -> list:
     """Rank ``r``'s share in ``gathered[r]``: the ``n`` items in order, each from its replica's first rank."""
     out: list = [None] * n
     for replica in range(dp.replicas):
-        for i, item in zip(range(replica, n, dp.replicas), gathered[replica * dp.tp], strict=True):
+        for i, item in zip(dp.share(n, replica), gathered[replica * dp.tp], strict=True):
             out[i] = item
     return out
