@@ -69,14 +69,19 @@ def arm_config(cfg: SSBConfig, demo_dir: Path, name: str) -> SSBConfig:
     )
 
 
-def equal_token_steps(cfg: SSBConfig, target_tokens: int) -> int:
-    """Training steps that match ``target_tokens`` distilled tokens, from the arm's stores' rows per step."""
+def store_counts(cfg: SSBConfig) -> tuple[int, int]:
+    """(rows, examples) over the arm's store and its ``train.extra_runs`` stores, from their manifests (the
+    capture stage's check has verified the shards)."""
     from ssb.store import TeacherStore
 
-    layout = RunLayout(cfg.run_dir)
-    stores = [TeacherStore(layout.store)] + [TeacherStore(RunLayout(d).store) for d in cfg.train.extra_runs]
-    rows = sum(s.manifest["counts"]["rows"] for s in stores)
-    examples = sum(s.manifest["counts"]["examples"] for s in stores)
+    dirs = [cfg.run_dir, *cfg.train.extra_runs]
+    counts = [TeacherStore(RunLayout(d).store, verify=False).manifest["counts"] for d in dirs]
+    return sum(c["rows"] for c in counts), sum(c["examples"] for c in counts)
+
+
+def equal_token_steps(cfg: SSBConfig, target_tokens: int) -> int:
+    """Training steps that match ``target_tokens`` distilled tokens, from the arm's stores' rows per step."""
+    rows, examples = store_counts(cfg)
     return max(1, round(target_tokens / (rows / math.ceil(examples / cfg.train.batch_size))))
 
 
@@ -138,20 +143,16 @@ def arm_plan(demo_dir: Path, name: str, target_tokens: int) -> list[Stage]:
 
 def run_arm(cfg: SSBConfig, demo_dir: Path, name: str, target_tokens: int) -> dict:
     """Arm ``name`` of the seed in ``demo_dir`` through the runner; what it trained on and its stage times."""
-    from ssb.store import TeacherStore
-
     acfg = arm_config(cfg, demo_dir, name)
     manifest = run_pipeline(acfg, plan=arm_plan(demo_dir, name, target_tokens))
     if manifest.get("stopped"):
         raise RuntimeError(f"arm {name} stopped after {manifest['stopped']['after']}: {manifest['stopped']['reason']}")
     layout = RunLayout(acfg.run_dir)
     stats = json.loads(layout.curate_stats.read_text())
-    examples = TeacherStore(layout.store).manifest["counts"]["examples"]
-    examples += sum(TeacherStore(RunLayout(d).store).manifest["counts"]["examples"] for d in acfg.train.extra_runs)
     return {
         "sequences": stats["sequences"],
         "sample_counts": stats["sample_counts"],
-        "train_examples": examples,
+        "train_examples": store_counts(acfg)[1],
         "steps": equal_token_steps(acfg, target_tokens),
         "trained_tokens": trained_tokens(layout.metrics()),
         "seconds": {k: v.get("seconds") for k, v in manifest["stages"].items()},
