@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from test_trainer import make_cfg, make_examples, metrics, one_thread, tiny_model_dir  # noqa: F401 (fixture)
+from test_trainer import make_cfg, make_examples, metrics, tiny_model_dir  # noqa: F401 (fixture)
 
 from ssb.config import ConfigError, load_config
 from ssb.core.tracking import Tracker, eval_scalars
@@ -15,6 +15,8 @@ from ssb.train import train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def scalars(log_dir) -> dict[str, dict[int, float]]:
