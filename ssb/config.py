@@ -74,7 +74,7 @@ class SamplingConfig:
     top_k: int = 50  # <= 0: off
     top_p: float = 1.0
     max_new_tokens: int = 8192
-    seed: int = 0
+    seed: int = 0  # unset: the top-level seed (load_config)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class TrainConfig:
     packing: bool = True
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
     log_every: int = 1
-    seed: int = 0
+    seed: int = 0  # unset: the top-level seed (load_config)
     extra_runs: tuple[str, ...] = ()  # earlier run dirs whose pairs + teacher stores are trained on too (rounds)
     output_subdir: str = "train"  # RUN_DIR/<this>/ holds adapter/, checkpoints/, metrics.jsonl (demo's SFT: train_sft)
     micro_token_budget: int = 0  # >0: micro-batches by input-token budget instead of batch_size examples
@@ -180,7 +180,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SSBConfig:
     run_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = 0  # the pipeline seed: rollout, curate and train seeds follow it unless set
     rounds: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,11 +329,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     parsed = parse_overrides(items)
     for key, value in parsed:
         _set_dotted(data, key, value)
+    _inherit_seed(data)
     try:
         return validate(_with_shipped_paths(_build(SSBConfig, data)))
     except ConfigError as e:
         culprit = _override_of(e.keys, [(item, key) for item, (key, _) in zip(items, parsed)])
         raise ConfigError(f"{f'override {culprit}' if culprit else where}: {e}", *e.keys) from None
+
+
+SEEDED = ("rollout", "curate", "train")  # sections whose ``seed`` follows the top-level one unless set
+
+
+def _inherit_seed(data: dict) -> None:
+    """Give every section of :data:`SEEDED` that sets no ``seed`` of its own the run's top-level ``seed``, so
+    ``seed=1`` moves the rollouts, the pair choice and hinted samples, and the LoRA init and data order together.
+    ``eval.seed`` stays apart: eval sampling is the measurement, the same for every pipeline seed."""
+    seed = data.get("seed", SSBConfig.seed)
+    for name in SEEDED:
+        section = data.get(name)
+        if section is None:
+            data[name] = section = {}
+        if isinstance(section, dict):
+            section.setdefault("seed", seed)
 
 
 def _override_of(keys: tuple[str, ...], overrides: list[tuple[str, str]]) -> str | None:

@@ -31,6 +31,15 @@ def test_overrides_are_typed():
     assert cfg.rounds == 2
 
 
+def test_the_pipeline_seed_moves_every_stage_seed_it_does_not_set():
+    one = load_config(None, ["seed=3", "curate.seed=7"])
+    assert (one.rollout.seed, one.curate.seed, one.train.seed, one.eval.seed) == (3, 7, 3, 0)
+    shipped_default = load_config("configs/toy.yaml")
+    assert (shipped_default.rollout.seed, shipped_default.train.seed) == (0, 0)
+    with pytest.raises(ConfigError, match="^override seed=abc: seed: expected an integer"):
+        load_config(None, ["seed=abc"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -1,6 +1,6 @@
-"""``ssb demo --compare-sources``: SSB against on-policy self-distillation at equal trained tokens (issue 18).
+"""``ssb demo --compare-sources``: SSB against on-policy self-distillation at equal trained tokens.
 
-Per seed ``s`` (``seed``, ``rollout.seed``, ``curate.seed`` and ``train.seed`` set to s; the eval seed fixed, so
+Per seed ``s`` (``seed`` and the seeds that follow it, :data:`ssb.config.SEEDED`, set to s; the eval seed fixed, so
 the base row is one run) in ``OUT/seed<s>``:
 
 - the demo (:func:`ssb.run.demo.demo`): base, SSB (forward KL on the hinted teacher's robust solutions) and the
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ssb.config import SSBConfig
+from ssb.config import SEEDED, SSBConfig
 from ssb.core.files import atomic_write_json, atomic_write_text, iter_jsonl
 from ssb.core.layout import RunLayout
 from ssb.run import outputs
@@ -45,15 +45,8 @@ def trained_tokens(metrics: Path) -> int:
 
 
 def seed_config(cfg: SSBConfig, seed: int, run_dir: Path) -> SSBConfig:
-    r = dataclasses.replace
-    return r(
-        cfg,
-        run_dir=str(run_dir),
-        seed=seed,
-        rollout=r(cfg.rollout, seed=seed),
-        curate=r(cfg.curate, seed=seed),
-        train=r(cfg.train, seed=seed),
-    )
+    sections = {name: dataclasses.replace(getattr(cfg, name), seed=seed) for name in SEEDED}
+    return dataclasses.replace(cfg, run_dir=str(run_dir), seed=seed, **sections)
 
 
 def arm_config(cfg: SSBConfig, demo_dir: Path, name: str) -> SSBConfig:
