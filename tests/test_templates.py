@@ -12,6 +12,8 @@ from ssb.config import ConfigError, load_config
 from ssb.core import data
 from ssb.core.prompts import TEMPLATES
 from ssb.curate import templates
+from ssb.run import templates as template_plan
+from ssb.run.interrupt import Interrupted
 
 pytestmark = pytest.mark.vllm
 
@@ -21,7 +23,8 @@ def _cfg(tmp_path: Path, *extra: str):
     return load_config("configs/toy.yaml", [*overrides, *extra])
 
 
-def test_compare_templates_on_the_toy_names_one_and_never_reads_the_test_split(tmp_path, vllm_engine, monkeypatch):
+def _compare(tmp_path: Path, engine, monkeypatch) -> dict:
+    """The comparison on 12 held-out toy problems, checked; its result."""
     reads = []
     load = data.load_problems
 
@@ -31,9 +34,9 @@ def test_compare_templates_on_the_toy_names_one_and_never_reads_the_test_split(t
 
     monkeypatch.setattr(data, "load_problems", spy)
     cfg = _cfg(tmp_path)
-    assert templates.run(cfg, engine=vllm_engine) == 0
+    assert template_plan.run(cfg, engine=engine) == 0
     assert reads == [("toy", "train", 300 + 12)]  # the train split only; its first 300 are the run's, not used
-    result = json.loads((Path(cfg.run_dir) / templates.OUT_NAME).read_text())
+    result = json.loads((Path(cfg.run_dir) / template_plan.OUT_NAME).read_text())
     v = result["validation"]
     assert v["ids"] == [f"toy/train/{i}" for i in range(300, 312)] and v["split"] == "train"
     assert set(result["templates"]) == set(TEMPLATES)
@@ -46,6 +49,41 @@ def test_compare_templates_on_the_toy_names_one_and_never_reads_the_test_split(t
     assert result["templates"]["paper"]["premise"]["verdict"] == "better"
     text = templates.render(result)
     assert "best: paper" in text and all(name in text for name in TEMPLATES)
+    return result
+
+
+def test_compare_templates_on_the_toy_names_one_and_never_reads_the_test_split(tmp_path, vllm_engine, monkeypatch):
+    assert _compare(tmp_path, vllm_engine, monkeypatch)["best"] == "paper"
+
+
+def test_a_template_killed_mid_comparison_resumes_without_redoing_the_others(
+    tmp_path, vllm_engine, monkeypatch, capsys
+):
+    """The comparison is a plan of the runner: a template that fails leaves the bare samples and the finished
+    templates on disk, and the rerun redoes only what is left, to the same result as an unbroken run."""
+    whole = _compare(tmp_path / "whole", vllm_engine, monkeypatch)
+    report = templates.template_report
+    calls = []
+
+    def dies_on_the_second(cfg, engine, name, pairs, bare):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill mid-template leaves: its stage never finished
+        return report(cfg, engine, name, pairs, bare)
+
+    monkeypatch.setattr(templates, "template_report", dies_on_the_second)
+    cfg = _cfg(tmp_path / "broken")
+    with pytest.raises(Interrupted):
+        template_plan.run(cfg, engine=vllm_engine)
+    first, second, *rest = TEMPLATES
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(templates, "template_report", lambda *a: calls.append(a[2]) or report(*a))
+    assert template_plan.run(cfg, engine=vllm_engine) == 0
+    err = capsys.readouterr().err
+    assert calls == [second, *rest]  # the first template and the bare samples were not redone
+    assert "validation: done, inputs unchanged, skipped" in err and f"template_{first}: done" in err
+    assert json.loads((Path(cfg.run_dir) / template_plan.OUT_NAME).read_text())["templates"] == whole["templates"]
 
 
 def test_compare_templates_refuses_the_test_split_and_a_run_without_held_out_problems(tmp_path):

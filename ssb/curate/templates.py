@@ -1,4 +1,5 @@
-"""``ssb curate --compare-templates``: every hinted template's premise report on held-out training problems.
+"""The pieces of ``ssb curate --compare-templates`` (its resumable plan: :mod:`ssb.run.templates`): every hinted
+template's premise report on held-out training problems.
 
 The validation problems are ``data.split``'s problems ``data.limit`` .. ``data.limit + curate.val_problems``: the
 source and split the run trains on, past the prefix it rolls out, so the run never sees them and the test split is
@@ -7,25 +8,21 @@ both (:func:`ssb.curate.choose_pair`), and, for every template of :data:`ssb.cor
 ``curate.attempts`` hinted samples per pair (the curate settings), judged as curation judges them. The same bare
 samples and pairs serve every template, so the templates differ only in the view. Best: the highest hinted accuracy
 among the templates whose cut share is not above the bare model's beyond the CI (verdict not ``truncates_more``);
-none when every template truncates more. Written to ``RUN_DIR/compare_templates.json`` and printed.
+none when every template truncates more.
 """
 
 from __future__ import annotations
 
-import sys
-
 from ssb.config import ConfigError, SSBConfig
 from ssb.core import data
-from ssb.core.files import InputError, atomic_write_json
+from ssb.core.files import InputError
 from ssb.core.output import table
-from ssb.core.prompts import TEMPLATES, student_messages
+from ssb.core.prompts import student_messages
 from ssb.core.rollouts import grade_sample
 from ssb.curate import choose_pair, generate_batch
 from ssb.curate.judge import Judge, rejections
 from ssb.curate.premise import VERDICT_TEXT, premise_report
-from ssb.engines import Engine, Sampling, make_engine
-
-OUT_NAME = "compare_templates.json"
+from ssb.engines import Engine, Sampling
 
 
 def validation_problems(cfg: SSBConfig) -> list:
@@ -57,46 +54,50 @@ def validation_problems(cfg: SSBConfig) -> list:
     return held_out
 
 
-def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: list[str] | None = None) -> dict:
-    """The premise report of every template in ``names`` (default: all) on :func:`validation_problems`."""
-    problems = validation_problems(cfg)
-    names = list(names or TEMPLATES)
+def bare_samples(cfg: SSBConfig, engine: Engine, problems: list) -> dict[str, list[dict]]:
+    """``rollout.k`` graded bare samples per validation problem (the rollout settings), by problem id."""
     batch = max(1, cfg.engine.batch_size)
-    owned = engine is None
-    engine = make_engine(cfg.model, cfg.engine) if owned else engine
-    try:
-        bare_sampling = Sampling.from_config(cfg.rollout, n=cfg.rollout.k)
-        bare: dict[str, list[dict]] = {}
-        for lo in range(0, len(problems), batch):
-            chunk = problems[lo : lo + batch]
-            convs = [student_messages(p.question) for p in chunk]
-            outs = engine.generate(convs, bare_sampling, seed_keys=[p.id for p in chunk], desc="validation (bare)")
-            for p, comps in zip(chunk, outs):
-                bare[p.id] = [grade_sample(p.id, j, p.answer, c, cfg.grading.mode) for j, c in enumerate(comps)]
-        candidates = []
-        for p in problems:
-            status, choice = choose_pair(p.id, bare[p.id], cfg.curate.seed)
-            if status == "ok":
-                candidates.append(({"id": p.id, "question": p.question, "answer": p.answer}, choice))
-        sampling = Sampling.from_config(cfg.curate, n=cfg.curate.attempts)
-        rows = {}
-        for name in names:
-            judge = Judge.from_config(cfg, name)
-            decisions = [
-                rec
-                for lo in range(0, len(candidates), batch)
-                for rec in generate_batch(
-                    engine, candidates[lo : lo + batch], sampling, cfg.engine.max_model_len, judge
-                )
-            ]
-            rows[name] = {
-                "premise": premise_report(decisions, bare, seed=cfg.curate.seed),
-                "kept": sum(d["status"] == "kept" for d in decisions),
-                "rejections": rejections(decisions),
-            }
-    finally:
-        if owned:
-            engine.close()
+    sampling = Sampling.from_config(cfg.rollout, n=cfg.rollout.k)
+    bare: dict[str, list[dict]] = {}
+    for lo in range(0, len(problems), batch):
+        chunk = problems[lo : lo + batch]
+        convs = [student_messages(p.question) for p in chunk]
+        outs = engine.generate(convs, sampling, seed_keys=[p.id for p in chunk], desc="validation (bare)")
+        for p, comps in zip(chunk, outs):
+            bare[p.id] = [grade_sample(p.id, j, p.answer, c, cfg.grading.mode) for j, c in enumerate(comps)]
+    return bare
+
+
+def candidates(cfg: SSBConfig, problems: list, bare: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
+    """(problem record, chosen correct/wrong pair) for every validation problem with both outcomes."""
+    out = []
+    for p in problems:
+        status, choice = choose_pair(p.id, bare[p.id], cfg.curate.seed)
+        if status == "ok":
+            out.append(({"id": p.id, "question": p.question, "answer": p.answer}, choice))
+    return out
+
+
+def template_report(cfg: SSBConfig, engine: Engine, name: str, pairs: list, bare: dict[str, list[dict]]) -> dict:
+    """Template ``name``: ``curate.attempts`` hinted samples per pair, judged as curation judges them; its premise
+    report against the same bare samples, what it kept and why it rejected the rest."""
+    batch = max(1, cfg.engine.batch_size)
+    sampling = Sampling.from_config(cfg.curate, n=cfg.curate.attempts)
+    judge = Judge.from_config(cfg, name)
+    decisions = [
+        rec
+        for lo in range(0, len(pairs), batch)
+        for rec in generate_batch(engine, pairs[lo : lo + batch], sampling, cfg.engine.max_model_len, judge)
+    ]
+    return {
+        "premise": premise_report(decisions, bare, seed=cfg.curate.seed),
+        "kept": sum(d["status"] == "kept" for d in decisions),
+        "rejections": rejections(decisions),
+    }
+
+
+def summary(cfg: SSBConfig, problem_ids: list[str], with_pair: int, rows: dict[str, dict]) -> dict:
+    """The comparison: the validation problems, every template's report and the best template."""
     d = cfg.data
     best = best_template(rows)
     return {
@@ -104,9 +105,9 @@ def compare_templates(cfg: SSBConfig, *, engine: Engine | None = None, names: li
             "source": d.source,
             "split": d.split,
             "first": d.limit,
-            "problems": len(problems),
-            "ids": [p.id for p in problems],
-            "with_pair": len(candidates),
+            "problems": len(problem_ids),
+            "ids": problem_ids,
+            "with_pair": with_pair,
         },
         "templates": rows,
         "best": best,
@@ -150,15 +151,3 @@ def render(result: dict) -> str:
         else "best: none (every template is cut more often than the bare model)"
     )
     return "\n".join([head, table(rows, header=header), tail])
-
-
-def run(cfg: SSBConfig, *, engine: Engine | None = None) -> int:
-    """``ssb curate --compare-templates``: write RUN_DIR/compare_templates.json and print the table."""
-    from pathlib import Path
-
-    result = compare_templates(cfg, engine=engine)
-    out = Path(cfg.run_dir) / OUT_NAME
-    atomic_write_json(out, result)
-    print(render(result))
-    print(f"[ssb curate] template comparison -> {out}", file=sys.stderr)
-    return 0

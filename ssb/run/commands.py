@@ -57,10 +57,34 @@ def _one_process(command: str) -> Callable[[SSBConfig, dict[str, Any]], None]:
     return check
 
 
+def _compare_templates(options: dict[str, Any], cfg: SSBConfig | None) -> int:
+    from ssb.run import templates
+
+    return templates.run(cfg)
+
+
+# modes of a stage's command that run a plan of the runner (the stage's own modes live on its Stage; these live
+# here, above the runner, so that the plan module may use it)
+COMPARE_TEMPLATES_HELP = (
+    "every hinted template's premise report on held-out training problems (resumable); names the best"
+)
+PLAN_MODES = {
+    "curate": (
+        Mode(
+            Flag(
+                ("--compare-templates",), "compare_templates", {"action": "store_true", "help": COMPARE_TEMPLATES_HELP}
+            ),
+            _compare_templates,
+        ),
+    ),
+}
+
+
 def _stage_command(stage: Stage) -> Command:
     checks = (_protocol,) if stage.name == "eval" else ()
+    modes = stage.modes + PLAN_MODES.get(stage.name, ())
     return Command(
-        stage.name, stage.help, lambda cfg, **o: runner.run_stage(stage, cfg, **o), stage.flags, stage.modes, checks
+        stage.name, stage.help, lambda cfg, **o: runner.run_stage(stage, cfg, **o), stage.flags, modes, checks
     )
 
 

@@ -124,6 +124,12 @@ def results(cfg: SSBConfig, labels: list[str]) -> str | None:
     return None
 
 
+def json_files(*paths: Path) -> str | None:
+    """Each of ``paths`` is a JSON object (a plan's own stage outputs, e.g. ``ssb.run.templates``)."""
+    bad = [p for p in paths if not isinstance(read_json(p), dict)]
+    return f"{bad[0]} is missing or unreadable" if bad else None
+
+
 def eval_(cfg: SSBConfig) -> str | None:
     """Every scored model's results.json parses, and the report over them is there."""
     return results(cfg, eval_labels(cfg)) or _missing(RunLayout(cfg.run_dir).eval / "report.md")

@@ -156,12 +156,6 @@ def _compare_files(options: dict[str, Any], cfg: SSBConfig | None) -> int:
     return compare_files(*options["compare"], out=options["out"])
 
 
-def _compare_templates(options: dict[str, Any], cfg: SSBConfig | None) -> int:
-    from ssb.curate import templates
-
-    return templates.run(cfg)
-
-
 def _dry_run(options: dict[str, Any], cfg: SSBConfig | None) -> int:
     return _train(cfg, dry_run=True)  # a memory report of train.dry_run_config: the defaults do
 
@@ -173,10 +167,7 @@ STAGES: list[Stage] = [
     Stage("curate", ("curate", "distill"), _curate,
           "pick correct/wrong pairs and write hinted robust solutions (distill.source=on_policy: select the "
           "student's own samples for the hinted teacher to score)", {"resume": True}, _after_curate,
-          outputs.curate,
-          modes=(Mode(Flag(("--compare-templates",), "compare_templates", {"action": "store_true", "help":
-                 "every hinted template's premise report on held-out training problems; names the best"}),
-                 _compare_templates),)),
+          outputs.curate),
     Stage("capture", ("capture",), _capture, "capture sparse top-k teacher log-probs into a verified store",
           check=outputs.capture,
           modes=(Mode(Flag(("--inspect",), "inspect", {"metavar": "DIR", "default": None,
