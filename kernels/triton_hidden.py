@@ -43,6 +43,39 @@ def e_shift(dtype: torch.dtype, mode: str) -> tuple[float, float]:
 
 
 @triton.jit
+def _top2(s_row, C, inv_t, TILE_C: tl.constexpr):
+    """Over one row of C raw logits (scaled by inv_t): the max, the max of the other columns, the argmax."""
+    cols = tl.arange(0, TILE_C)
+    ninf = float("-inf")
+    m = tl.full((), ninf, tl.float32)
+    m2 = tl.full((), ninf, tl.float32)
+    at = tl.full((), 0, tl.int32)
+    for c0 in range(0, C, TILE_C):
+        v = tl.load(s_row + c0 + cols, mask=c0 + cols < C, other=ninf) * inv_t
+        tm = tl.max(v, 0)
+        ti = tl.argmax(v, 0).to(tl.int32)
+        t2 = tl.max(tl.where(cols == ti, ninf, v), 0)
+        gt = tm > m
+        m2 = tl.where(gt, tl.maximum(m, t2), tl.maximum(m2, tm))
+        at = tl.where(gt, c0 + ti, at)
+        m = tl.maximum(m, tm)
+    return m, m2, at
+
+
+@triton.jit
+def _rescale_rows(arow, wrow, H, a0, a1, w0, w1, TILE_H: tl.constexpr):
+    """The two accumulator rows at ``arow`` (2, H): row i times a_i plus w_i times the head row at ``wrow``."""
+    hcols = tl.arange(0, TILE_H)
+    for h0 in range(0, H, TILE_H):
+        ok = h0 + hcols < H
+        wv = tl.load(wrow + h0 + hcols, mask=ok, other=0.0).to(tl.float32)
+        p0 = tl.load(arow + h0 + hcols, mask=ok, other=0.0)
+        p1 = tl.load(arow + H + h0 + hcols, mask=ok, other=0.0)
+        tl.store(arow + h0 + hcols, p0 * a0 + w0 * wv, mask=ok)
+        tl.store(arow + H + h0 + hcols, p1 * a1 + w1 * wv, mask=ok)
+
+
+@triton.jit
 def _hidden_kd_fwd_kernel(
     s_ptr,  # (2R, C) fp32 raw logits of this (row block, chunk): student row 2r, teacher row 2r + 1
     e_ptr,  # (2R, C) out: E rows in the input dtype (MODE 0 / 1)
@@ -76,30 +109,8 @@ def _hidden_kd_fwd_kernel(
     cols = tl.arange(0, TILE_C)
     ninf = float("-inf")
     # 1. one read: student max / argmax / max of the rest, teacher's largest two
-    xm = tl.full((), ninf, tl.float32)
-    x2 = tl.full((), ninf, tl.float32)
-    ym = tl.full((), ninf, tl.float32)
-    y2 = tl.full((), ninf, tl.float32)
-    j = tl.full((), 0, tl.int32)
-    yi = tl.full((), 0, tl.int32)
-    for c0 in range(0, C, TILE_C):
-        ok = c0 + cols < C
-        x = tl.load(sx + c0 + cols, mask=ok, other=ninf) * inv_t
-        y = tl.load(sy + c0 + cols, mask=ok, other=ninf) * inv_t
-        tm = tl.max(x, 0)
-        ti = tl.argmax(x, 0).to(tl.int32)
-        t2 = tl.max(tl.where(cols == ti, ninf, x), 0)
-        gt = tm > xm
-        x2 = tl.where(gt, tl.maximum(xm, t2), tl.maximum(x2, tm))
-        j = tl.where(gt, c0 + ti, j)
-        xm = tl.maximum(xm, tm)
-        um = tl.max(y, 0)
-        ui = tl.argmax(y, 0).to(tl.int32)
-        u2 = tl.max(tl.where(cols == ui, ninf, y), 0)
-        gu = um > ym
-        y2 = tl.where(gu, tl.maximum(ym, u2), tl.maximum(y2, um))
-        yi = tl.where(gu, c0 + ui, yi)
-        ym = tl.maximum(ym, um)
+    xm, x2, j = _top2(sx, C, inv_t, TILE_C)
+    ym, y2, yi = _top2(sy, C, inv_t, TILE_C)
     # 2. references
     xa = tl.load(xa_ptr + row)
     mo = tl.load(mo_ptr + row)
@@ -156,16 +167,7 @@ def _hidden_kd_fwd_kernel(
         tl.store(u_ptr + row, tl.load(u_ptr + row) * a1 + tl.sum(su_v, 0) + uw * dold)
         # 4. rescale both accumulator rows and add the old a's head row (only when something moved)
         if (az != 1.0) | (a1 != 1.0) | had:
-            hcols = tl.arange(0, TILE_H)
-            arow = acc_ptr + row * 2 * H
-            wrow = w_ptr + a_old * stride_w
-            for h0 in range(0, H, TILE_H):
-                ok_h = h0 + hcols < H
-                wv = tl.load(wrow + h0 + hcols, mask=ok_h, other=0.0).to(tl.float32)
-                p0 = tl.load(arow + h0 + hcols, mask=ok_h, other=0.0)
-                p1 = tl.load(arow + H + h0 + hcols, mask=ok_h, other=0.0)
-                tl.store(arow + h0 + hcols, p0 * az + (w_z * sh0) * wv, mask=ok_h)
-                tl.store(arow + H + h0 + hcols, p1 * a1 + (w1 * sh1) * wv, mask=ok_h)
+            _rescale_rows(acc_ptr + row * 2 * H, w_ptr + a_old * stride_w, H, az, a1, w_z * sh0, w1 * sh1, TILE_H)
     tl.store(a_ptr + row, tl.where(new, (v0 + j).to(tl.int64), a_old))
     tl.store(ya_ptr + row, tl.where(new, yj, ya))
     tl.store(xa_ptr + row, tl.maximum(xa, xm))
