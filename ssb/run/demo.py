@@ -14,6 +14,7 @@ import dataclasses
 import json
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ssb.config import SSBConfig
@@ -30,7 +31,7 @@ from ssb.run.runner import EXIT_STOPPED, load_manifest, run_pipeline
 SFT = "train_sft"  # train.output_subdir of the SFT control
 TRAINED = {"ssb": "train", "sft": SFT, "rft": RFT}  # label -> train.output_subdir
 QWEN_VOCAB = 151936  # dense float32 logits of Qwen2.5 cost 4 * 151936 bytes per distilled token
-RUNS = ("base", "ssb", "sft", "rft")
+RUNS = ("base", "ssb", "sft", "rft")  # the models of every demo (:func:`_students`), then later rounds' SSB
 
 
 def sft_config(cfg: SSBConfig) -> SSBConfig:
@@ -46,16 +47,27 @@ def _train_sft(cfg: SSBConfig) -> int:
     return 0
 
 
-def eval_models(cfg: SSBConfig) -> dict[str, str]:
-    """Label -> model directory for the demo eval: base, the SSB student (every round's with ``rounds > 1``), the
-    SFT control and the RFT baseline. LoRAs are merged into plain weights first: vLLM's CPU LoRA path is ~5x slower
-    than the plain model on this tiny network, and the merged weights are the same function up to float rounding."""
+def _students(cfg: SSBConfig) -> dict[str, Callable[[], str]]:
+    """The one list of what the demo evaluates: label -> how to get its model directory (base, the SSB student, the
+    SFT control, the RFT baseline, then SSB of rounds 2..R)."""
     layout = RunLayout(cfg.run_dir)
-    models = {"base": cfg.model.name_or_path, "ssb": str(ensure_student(cfg, 1))}
-    models["sft"] = str(merged_model(cfg.model, layout.adapter(SFT), layout.merged(SFT)))
-    models["rft"] = str(merged_model(cfg.model, layout.adapter(RFT), layout.merged(RFT)))
-    models.update({f"ssb_round{r}": str(ensure_student(cfg, r)) for r in range(2, cfg.rounds + 1)})
+
+    def merged(sub: str) -> Callable[[], str]:
+        return lambda: str(merged_model(cfg.model, layout.adapter(sub), layout.merged(sub)))
+
+    def student(r: int) -> Callable[[], str]:
+        return lambda: str(ensure_student(cfg, r))
+
+    models = dict(zip(RUNS, (lambda: cfg.model.name_or_path, student(1), merged(SFT), merged(RFT)), strict=True))
+    models.update({f"ssb_round{r}": student(r) for r in range(2, cfg.rounds + 1)})
     return models
+
+
+def eval_models(cfg: SSBConfig) -> dict[str, str]:
+    """Label -> model directory for the demo eval (:func:`_students`). LoRAs are merged into plain weights first:
+    vLLM's CPU LoRA path is ~5x slower than the plain model on this tiny network, and the merged weights are the
+    same function up to float rounding."""
+    return {label: get() for label, get in _students(cfg).items()}
 
 
 def _eval_all(cfg: SSBConfig) -> int:
@@ -71,8 +83,8 @@ def _eval_all(cfg: SSBConfig) -> int:
 
 
 def eval_labels(cfg: SSBConfig) -> list[str]:
-    """The labels of :func:`eval_models`, without merging anything: base, SSB, SFT, RFT, then SSB of rounds 2..R."""
-    return [*RUNS, *(f"ssb_round{r}" for r in range(2, cfg.rounds + 1))]
+    """The labels of :func:`eval_models`, without merging anything."""
+    return list(_students(cfg))
 
 
 def demo_plan() -> list[Stage]:
