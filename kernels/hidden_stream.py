@@ -18,7 +18,7 @@ sum and both accumulator rows (a rank-1 add of W_a), after the usual rescale by 
 ``finish`` turns them into each row's loss and G = sum_v g_v W_v (N, H) in float64 row math, written so that rows
 whose student and teacher are both confident on a keep their e^-60-sized loss and gradient (SPEC section 9).
 Backward is dh = w G, a per-row scale (w = upstream grad x reduction x T): no recomputation. Cost: 8NHV FLOPs for
-forward and reverse KL, 12NHV for JSD.
+forward and reverse KL, 12NHV for JSD (2NHV more per pass for bf16 Triton, whose E is split in two).
 """
 
 from __future__ import annotations
@@ -223,14 +223,15 @@ def operands(hidden, weight, teacher_hidden, rows: str):
 
 def run_pass(hs, weight, st: HiddenState, b: Blocking, step) -> None:
     """One pass over the head: per (row block, chunk) the stacked logit GEMM, the row ``step``, and (when the step
-    returns E) acc += E W_c for both accumulator rows of every row in one addmm."""
+    returns E) acc += E W_c for both accumulator rows of every row in one addmm (two for a split bf16 E)."""
     dt = st.lz.dtype
     b2 = Blocking(2 * b.rows, b.cols, b.tile_c, b.tile_h)
     for _, r0, _, v0, _, wc, s in logit_chunks(hs, weight, b2, dt):
         e = step(s, st, r0 // 2, v0)
         if e is not None:
             r = s.shape[0] // 2
-            addmm_acc_(st.acc[r0 // 2 : r0 // 2 + r].view(2 * r, -1), e, wc)
+            for part in e if e.dim() == 3 else (e,):  # bf16 Triton E: the rounded part and its residue
+                addmm_acc_(st.acc[r0 // 2 : r0 // 2 + r].view(2 * r, -1), part, wc)
 
 
 def stream_hidden(hs, weight, opts: KDOptions, rows: str):

@@ -20,6 +20,7 @@ beta q (log q - log m) + (1 - beta) p r summed, and E = [e^{x - mo}, e^{x - mo} 
 
 fp16 E is stored times E_SHIFT (2^12 for rows bounded by 1, 2^4 for the rows holding a log-ratio factor), so
 values down to ~e^-18 of the reference stay normal; ``finish`` divides the shifts out of the accumulator.
+bf16 E is stored as its rounding and residue, two addmms (:func:`split_e`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def e_shift(dtype: torch.dtype, mode: str) -> tuple[float, float]:
     if dtype != torch.float16:
         return (1.0, 1.0)
     return (4096.0, 4096.0 if mode == "forward_kl" else 16.0)
+
+
+@triton.jit
+def _store_e(p, v, ok, lo_off, SPLIT: tl.constexpr):
+    """Store fp32 ``v`` at ``p`` in E's dtype; with SPLIT (bf16) also its rounding residue at ``p + lo_off``, so
+    the two addmms together carry ~16 bits of E."""
+    hi = v.to(p.dtype.element_ty)
+    tl.store(p, hi, mask=ok)
+    if SPLIT:
+        tl.store(p + lo_off, (v - hi.to(tl.float32)).to(p.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -98,7 +109,9 @@ def _hidden_kd_fwd_kernel(
     inv_t,
     sh0,
     sh1,
+    lo_off,  # E's bf16 residue rows start this many elements after E's (SPLIT)
     MODE: tl.constexpr,
+    SPLIT: tl.constexpr,
     TILE_C: tl.constexpr,
     TILE_H: tl.constexpr,
 ):
@@ -150,13 +163,13 @@ def _hidden_kd_fwd_kernel(
         st_v += et
         if MODE == 0:
             su_v += et * (y - x - c0v)
-            tl.store(ex + c0 + cols, (ez * sh0).to(e_ptr.dtype.element_ty), mask=ok)
-            tl.store(ex + C + c0 + cols, (et * sh1).to(e_ptr.dtype.element_ty), mask=ok)
+            _store_e(ex + c0 + cols, ez * sh0, ok, lo_off, SPLIT)
+            _store_e(ex + C + c0 + cols, et * sh1, ok, lo_off, SPLIT)
         elif MODE == 1:
             e1 = ez * (y - x - c0v)
             su_v += e1
-            tl.store(ex + c0 + cols, (ez * sh0).to(e_ptr.dtype.element_ty), mask=ok)
-            tl.store(ex + C + c0 + cols, (e1 * sh1).to(e_ptr.dtype.element_ty), mask=ok)
+            _store_e(ex + c0 + cols, ez * sh0, ok, lo_off, SPLIT)
+            _store_e(ex + C + c0 + cols, e1 * sh1, ok, lo_off, SPLIT)
     tl.store(lz_ptr + row, tl.load(lz_ptr + row) * az + tl.sum(sz_v, 0) + w_z)
     tl.store(lt_ptr + row, tl.load(lt_ptr + row) * at + tl.sum(st_v, 0) + w_t)
     a_old = tl.load(a_ptr + row)
@@ -196,6 +209,8 @@ def _hidden_jsd_fwd_kernel(
     beta,
     sh0,
     sh1,
+    lo_off,
+    SPLIT: tl.constexpr,
     TILE_C: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -228,23 +243,33 @@ def _hidden_jsd_fwd_kernel(
         su += tl.where(keep, ell, 0.0)
         sp += e0
         sr += e1
-        tl.store(ex + c0 + cols, (e0 * sh0).to(e_ptr.dtype.element_ty), mask=ok)
-        tl.store(ex + C + c0 + cols, (e1 * sh1).to(e_ptr.dtype.element_ty), mask=ok)
+        _store_e(ex + c0 + cols, e0 * sh0, ok, lo_off, SPLIT)
+        _store_e(ex + C + c0 + cols, e1 * sh1, ok, lo_off, SPLIT)
     tl.store(u_ptr + row, tl.load(u_ptr + row) + tl.sum(su, 0))
     tl.store(p0_ptr + row, tl.load(p0_ptr + row) + tl.sum(sp, 0))
     tl.store(r1_ptr + row, tl.load(r1_ptr + row) + tl.sum(sr, 0))
 
 
+def split_e(dtype: torch.dtype) -> bool:
+    """bf16 E is written as two bf16 parts, its rounding and the residue (two addmms): one bf16 E loses the
+    gradient where p ~ q, since G = sum p W - sum q W cancels between the two accumulator rows (8 bits of E
+    against 16 for fp16's 11-bit mantissa with its range shift)."""
+    return dtype == torch.bfloat16
+
+
 def _e_buffer(s: torch.Tensor, st, dtype: torch.dtype) -> torch.Tensor:
-    """E (2R, C) in ``dtype`` from one buffer per pass, sized for the largest (block, chunk)."""
-    key = ("e", dtype)
-    if key not in st.scratch or st.scratch[key].numel() < s.numel():
-        st.scratch[key] = torch.empty(s.numel(), dtype=dtype, device=s.device)
-    return st.scratch[key][: s.numel()].view(s.shape)
+    """E in ``dtype`` from one buffer per pass, sized for the largest (block, chunk): (2R, C), or (2, 2R, C) when
+    :func:`split_e` (the rounded part, then the residue)."""
+    key, parts = ("e", dtype), 2 if split_e(dtype) else 1
+    if key not in st.scratch or st.scratch[key].numel() < parts * s.numel():
+        st.scratch[key] = torch.empty(parts * s.numel(), dtype=dtype, device=s.device)
+    e = st.scratch[key][: parts * s.numel()]
+    return e.view(parts, *s.shape) if parts == 2 else e.view(s.shape)
 
 
 def triton_online_step(s, st, r0: int, v0: int, weight, mode: str, inv_t: float, tiles=(32, 16)):
-    """``hidden_stream.torch_online_step`` by ``_hidden_kd_fwd_kernel``: returns E (2R, C) (None for "lse")."""
+    """``hidden_stream.torch_online_step`` by ``_hidden_kd_fwd_kernel``: returns E (:func:`_e_buffer`; None for
+    "lse")."""
     rows2, c = s.shape
     sh = e_shift(weight.dtype, mode)
     st.e_scale = sh
@@ -274,7 +299,9 @@ def triton_online_step(s, st, r0: int, v0: int, weight, mode: str, inv_t: float,
         inv_t,
         sh[0],
         sh[1],
+        s.numel(),
         MODE=MODES[mode],
+        SPLIT=mode != "lse" and split_e(weight.dtype),
         TILE_C=tile_c,
         TILE_H=tile_h,
         **row_warps(tile_c),
@@ -283,7 +310,7 @@ def triton_online_step(s, st, r0: int, v0: int, weight, mode: str, inv_t: float,
 
 
 def triton_jsd_step(s, st, r0: int, v0: int, inv_t: float, lse_z, lse_t, beta: float, dtype=None):
-    """``hidden_stream.torch_jsd_step`` by ``_hidden_jsd_fwd_kernel``: returns E (2R, C)."""
+    """``hidden_stream.torch_jsd_step`` by ``_hidden_jsd_fwd_kernel``: returns E (:func:`_e_buffer`)."""
     rows2, c = s.shape
     dtype = dtype or st.scratch["e_dtype"]
     sh = e_shift(dtype, "jsd")
@@ -309,6 +336,8 @@ def triton_jsd_step(s, st, r0: int, v0: int, inv_t: float, lse_z, lse_t, beta: f
         beta,
         sh[0],
         sh[1],
+        s.numel(),
+        SPLIT=split_e(dtype),
         TILE_C=tile_c,
         **row_warps(tile_c),
     )
