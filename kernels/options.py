@@ -6,6 +6,7 @@ Everything here runs before any kernel launch: a bad input raises ValueError nam
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,28 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, *, finite: bool) -> N
         raise ValueError("weight must have at least one vocabulary row")
     if finite:
         check_finite("hidden", hidden)
-        check_finite("weight", weight)
+        if not _known_finite(weight):  # a frozen head is scanned once, not at every step
+            check_finite("weight", weight)
+            _FINITE_HEAD[:] = [weakref.ref(weight.untyped_storage()), _layout(weight)]
+
+
+_FINITE_HEAD: list = [lambda: None, None]  # the storage (weakly) and layout + version of the last head found finite
+
+
+def _layout(w: torch.Tensor) -> tuple | None:
+    """Offset, shape, strides, dtype and version counter (bumped by every in-place write through any view); None
+    for an inference tensor, which has no version counter (never cached)."""
+    try:
+        return (w.storage_offset(), tuple(w.shape), w.stride(), w.dtype, w._version)
+    except RuntimeError:
+        return None
+
+
+def _known_finite(w: torch.Tensor) -> bool:
+    """``w`` is the last head found finite, unwritten since: the same live storage (a weak reference, so a freed
+    head's address reused by another is never mistaken for it), layout and version."""
+    ref, layout = _FINITE_HEAD
+    return layout is not None and ref() is w.untyped_storage() and _layout(w) == layout
 
 
 def check_kd_inputs(

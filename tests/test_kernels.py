@@ -150,6 +150,31 @@ def test_validation_errors(name, mutate, match, impl):
                        mask=x["mask"], impl=impl)  # fmt: skip
 
 
+def test_a_frozen_head_is_scanned_for_nan_once_and_again_after_any_write(monkeypatch):
+    from ssb_kernels import options
+
+    x = make_case(Case("head", n=5, h=8, v=40, k=4), torch.float32)
+    scanned = []
+    scan = options.check_finite
+    monkeypatch.setattr(options, "check_finite", lambda name, t, **kw: scanned.append(name) or scan(name, t, **kw))
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return sparse_kd_loss(x["hidden"], w, x["topk_ids"], x["topk_logprobs"], impl="chunked")
+
+    w = x["weight"].clone()
+    for _ in range(3):
+        loss(w.detach())  # a training step passes a fresh detached view of the same head
+    assert scanned.count("weight") == 1
+    w.detach()[3, 1] = float("inf")  # a write through any view bumps the shared version counter
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        loss(w)
+    fresh = x["weight"].clone()
+    fresh[0, 0] = float("nan")  # another head (even at a freed head's address) is scanned
+    del w
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        loss(fresh)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"temperature": 0.0}, "temperature"), ({"variant": "jsd"}, "variant"), ({"reduction": "avg"}, "reduction"),
