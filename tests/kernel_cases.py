@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -204,3 +205,34 @@ def run_under_interpreter(test_file: str, timeout: int = 900) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-1000:]
+
+
+PEAK_RSS = """
+import ctypes, gc, json, torch, ssb_kernels
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) / 1024
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+{setup}
+def call(rows):
+    {call}
+call(slice(0, 8))  # warm-up: library init is not the call's memory
+h.grad = None
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
+before = status("VmRSS:")
+call(slice(None))
+print(json.dumps({{"mb": status("VmHWM:") - before, "grad_finite": bool(torch.isfinite(h.grad).all())}}))
+"""
+
+
+def peak_extra_mb(setup: str, call: str, timeout: int = 600) -> dict:
+    """Peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS before one forward+backward, in a fresh
+    process with 2 threads after a warm-up on 8 rows; ``setup`` defines ``h`` (requires grad) and the other inputs,
+    ``call`` is one statement of ``rows`` (a slice of the rows) that runs the loss and its backward.
+    Returns {"mb", "grad_finite"}."""
+    script = PEAK_RSS.format(setup=setup, call=call)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,41 +9,21 @@ single (N, V) logits tensor.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from kernel_cases import peak_extra_mb
 
 N, H, V, K = 2048, 256, 151936, 64
-SCRIPT = f"""
-import ctypes, gc, json, torch, ssb_kernels
-def status(key):
-    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) / 1024
-torch.set_num_threads(2)
-g = torch.Generator().manual_seed(0)
+SETUP = f"""
 h = torch.randn({N}, {H}, generator=g).requires_grad_(True)
 w = torch.randn({V}, {H}, generator=g) * 0.1
 ids = (torch.randint(0, {V}, ({N}, 1), generator=g) + torch.arange({K}) * ({V} // {K})) % {V}
 lp = torch.log_softmax(torch.randn({N}, {K}, generator=g), -1) - 0.1
-ssb_kernels.sparse_kd_loss(h[:8], w, ids[:8], lp[:8], temperature=2.0, impl=IMPL).backward()
-h.grad = None
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
-before = status("VmRSS:")
-ssb_kernels.sparse_kd_loss(h, w, ids, lp, temperature=2.0, impl=IMPL).backward()
-after = status("VmHWM:")
-print(json.dumps({{"mb": after - before, "grad_finite": bool(torch.isfinite(h.grad).all())}}))
 """
 
 
 def _peak_mb(impl: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT.replace("IMPL", repr(impl))], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    call = f"ssb_kernels.sparse_kd_loss(h[rows], w, ids[rows], lp[rows], temperature=2.0, impl={impl!r}).backward()"
+    return peak_extra_mb(SETUP, call, timeout=300)
 
 
 @pytest.mark.slow
