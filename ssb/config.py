@@ -346,10 +346,8 @@ def _inherit_seed(data: dict) -> None:
     ``eval.seed`` stays apart: eval sampling is the measurement, the same for every pipeline seed."""
     seed = data.get("seed", SSBConfig.seed)
     for name in SEEDED:
-        section = data.get(name)
-        if section is None:
-            data[name] = section = {}
-        if isinstance(section, dict):
+        section = data.setdefault(name, {})
+        if isinstance(section, dict):  # anything else is refused by the type check, naming the section
             section.setdefault("seed", seed)
 
 
