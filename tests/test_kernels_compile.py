@@ -88,8 +88,9 @@ def test_hidden_kd_forward_kernel_compiles(capability, e_dtype, mode):
     sig = {"s_ptr": "*fp32", "e_ptr": f"*{e_dtype}", **dict.fromkeys(
         ["xa_ptr", "mo_ptr", "mt_ptr", "lz_ptr", "lt_ptr", "ya_ptr", "c0_ptr", "u_ptr"], "*fp32"),
         "a_ptr": "*i64", "acc_ptr": "*fp32", "w_ptr": f"*{e_dtype}", "r0": "i32", "v0": "i32", "C": "i32",
-        "H": "i32", "stride_w": "i32", "inv_t": "fp32", "sh0": "fp32", "sh1": "fp32"}  # fmt: skip
-    consts = {"MODE": mode, "TILE_C": CUDA_TILES[0], "TILE_H": CUDA_TILES[1]}
+        "H": "i32", "stride_w": "i32", "inv_t": "fp32", "sh0": "fp32", "sh1": "fp32", "lo_off": "i32"}  # fmt: skip
+    split = mode != 2 and e_dtype == "bf16"  # triton_hidden.split_e: bf16 E is stored as rounding + residue
+    consts = {"MODE": mode, "SPLIT": split, "TILE_C": CUDA_TILES[0], "TILE_H": CUDA_TILES[1]}
     assert_compiled(compile_for(_hidden_kd_fwd_kernel, sig, consts, capability, row_warps(CUDA_TILES[0])["num_warps"]))
 
 
@@ -103,6 +104,6 @@ def test_hidden_jsd_kernel_compiles(capability, e_dtype):
     sig = {"s_ptr": "*fp32", "e_ptr": f"*{e_dtype}", **dict.fromkeys(
         ["lsez_ptr", "lset_ptr", "mo_ptr"], "*fp32"), "a_ptr": "*i64", **dict.fromkeys(
         ["u_ptr", "p0_ptr", "r1_ptr"], "*fp32"), "r0": "i32", "v0": "i32", "C": "i32",
-        **dict.fromkeys(["inv_t", "log_b", "log_1mb", "beta", "sh0", "sh1"], "fp32")}  # fmt: skip
-    consts = {"TILE_C": CUDA_TILES[0]}
+        **dict.fromkeys(["inv_t", "log_b", "log_1mb", "beta", "sh0", "sh1"], "fp32"), "lo_off": "i32"}  # fmt: skip
+    consts = {"SPLIT": e_dtype == "bf16", "TILE_C": CUDA_TILES[0]}
     assert_compiled(compile_for(_hidden_jsd_fwd_kernel, sig, consts, capability, row_warps(CUDA_TILES[0])["num_warps"]))
